@@ -1,0 +1,60 @@
+"""Pretrain a LLaMA model: `torchrun --nproc_per_node=N launch/pretrain.py --config NAME.yaml [--section.key=value]`.
+
+Also runs as a single process with plain `python launch/pretrain.py ...`. Bad input (unknown key, wrong type, missing
+config or data file, a checkpoint that does not fit) prints one line starting with `error:` and exits with code 2
+before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from trainer.data import DataError  # noqa: E402
+
+from trainer.checkpoint import CheckpointError  # noqa: E402
+from trainer.config import ConfigError, load_config  # noqa: E402
+
+USAGE_ERRORS = (ConfigError, DataError, CheckpointError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("--config", required=True, help="a name in configs/ (e.g. tiny_swan.yaml) or a path")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    from trainer.distributed import init_distributed, shutdown
+    from trainer.train import NonFiniteError, train
+
+    info = init_distributed(cfg.parallel.device, cfg.parallel.backend)
+    try:
+        result = train(cfg, info)
+    except USAGE_ERRORS as err:
+        if info.is_main:
+            print(f"error: {err}", file=sys.stderr)
+        return 2
+    except NonFiniteError as err:
+        if info.is_main:
+            print(f"error: {err}", file=sys.stderr)
+        return 3
+    finally:
+        shutdown()
+    if info.is_main:
+        run_dir = Path(result["run_dir"])
+        print(f"done: {result['step']} steps, final loss {result['loss']:.4f}")
+        print(f"checkpoints: {run_dir / 'checkpoints'}")
+        print(f"metrics: {run_dir / 'metrics.jsonl'}")
+        print(f"tensorboard --logdir {run_dir / 'tb'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Process group, device and device mesh: the one place that knows how this process was launched.
+
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. A plain `python launch/pretrain.py` is a
+world of one: we fill those in so the exact same code path (process group, mesh, FSDP2) runs in both cases.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolve_device(device: str, local_rank: int) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("parallel.device=cuda but CUDA is not available")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: int = 1800) -> DistInfo:
+    """Initialise the default process group (nccl on GPU, gloo on CPU) and pick this rank's device."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local_rank)
+    if backend == "auto":
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=dev, backend=backend)
+
+
+def build_mesh(info: DistInfo, dp_replicate: int = 1, dp_shard: int = -1) -> DeviceMesh:
+    """1-D mesh ("dp_shard",) for FSDP, or 2-D ("dp_replicate", "dp_shard") for HSDP."""
+    if dp_shard == -1:
+        if info.world_size % dp_replicate:
+            raise ValueError(
+                f"world size {info.world_size} is not divisible by parallel.dp_replicate={dp_replicate}"
+            )
+        dp_shard = info.world_size // dp_replicate
+    if dp_replicate * dp_shard != info.world_size:
+        raise ValueError(
+            f"parallel.dp_replicate ({dp_replicate}) x parallel.dp_shard ({dp_shard}) != world size {info.world_size}"
+        )
+    if dp_replicate == 1:
+        return init_device_mesh(info.device.type, (dp_shard,), mesh_dim_names=("dp_shard",))
+    return init_device_mesh(
+        info.device.type, (dp_replicate, dp_shard), mesh_dim_names=("dp_replicate", "dp_shard")
+    )
+
+
+def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    """Mean of a small tensor over all ranks (used for logged scalars, not for gradients)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return values
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,85 @@
+"""Where numbers go: runs/<name>/metrics.jsonl, TensorBoard (runs/<name>/tb) and one console line per log step.
+
+Only rank 0 writes; the trainer reduces values across ranks before handing them here.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+# Dense bf16 peak TFLOP/s per device for MFU, by substring of torch.cuda.get_device_name().
+KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0}
+
+
+def detect_peak_tflops(device: torch.device) -> float:
+    """Peak dense bf16 TFLOP/s of a known GPU; 0.0 (MFU not reported) on CPU or unknown devices."""
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in KNOWN_PEAK_TFLOPS.items() if key in name), 0.0)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class MetricsLogger:
+    """Appends one JSON object per logged step and mirrors scalars to TensorBoard."""
+
+    def __init__(
+        self, run_dir: Path, enabled: bool, tensorboard: bool, total_steps: int, stream: TextIO = sys.stdout
+    ):
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.stream = stream
+        self._jsonl = None
+        self._tb = None
+        if enabled:
+            self._jsonl = (run_dir / "metrics.jsonl").open("a")
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(log_dir=str(run_dir / "tb"))
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "time": round(time.time(), 3), **values}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    self._tb.add_scalar(key, value, step)
+            self._tb.flush()
+
+    def progress(
+        self, step: int, loss: float, tokens_per_s: float, elapsed_s: float, steps_done: int
+    ) -> None:
+        """`step 120/200 | loss 3.2104 | 41.2k tok/s | ETA 0m31s` on rank 0."""
+        if not self.enabled:
+            return
+        eta = elapsed_s / max(1, steps_done) * (self.total_steps - step)
+        line = (
+            f"step {step}/{self.total_steps} | loss {loss:.4f} | {tokens_per_s / 1e3:.1f}k tok/s"
+            f" | ETA {format_duration(eta)}"
+        )
+        print(line, file=self.stream, flush=True)
+
+    def info(self, message: str) -> None:
+        if self.enabled:
+            print(message, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()

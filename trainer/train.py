@@ -1,0 +1,217 @@
+"""The training loop. Everything it needs is built by the services next to it; this file only orders them."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models import Llama, flops_per_token, model_config, num_params
+from optim import build_optimizer, health_of
+from trainer.checkpoint import Checkpointer, ModelAndOptimizer, latest_checkpoint
+from trainer.config import Config, ConfigError, save_config
+from trainer.data import build_loader
+from trainer.distributed import DistInfo, all_reduce_mean, build_mesh
+from trainer.metrics import MetricsLogger, detect_peak_tflops
+from trainer.parallel import apply_fsdp
+from trainer.schedule import lr_multiplier
+
+
+class NonFiniteError(RuntimeError):
+    """Loss or gradient became NaN/inf; the run stops before anything is saved from that state."""
+
+
+@dataclass
+class Batches:
+    """How one optimizer step's global batch splits over ranks and micro-batches."""
+
+    local: int
+    micro: int
+    accumulation: int
+
+    @classmethod
+    def plan(cls, cfg: Config, world_size: int) -> Batches:
+        t = cfg.train
+        if t.global_batch_size % (t.micro_batch_size * world_size):
+            raise ConfigError(
+                f"train.global_batch_size ({t.global_batch_size}) must be a multiple of train.micro_batch_size "
+                f"({t.micro_batch_size}) x world size ({world_size})"
+            )
+        local = t.global_batch_size // world_size
+        return cls(local=local, micro=t.micro_batch_size, accumulation=local // t.micro_batch_size)
+
+
+def build_model(cfg: Config, data_vocab: int, device: torch.device) -> Llama:
+    """Same seed, same full initialisation on every rank, then moved; FSDP2 shards it afterwards."""
+    try:
+        mcfg = model_config(
+            cfg.model.name, vocab_size=cfg.model.vocab_size or None, max_seq_len=cfg.train.seq_len
+        )
+    except ValueError:
+        mcfg = model_config(cfg.model.name, vocab_size=data_vocab, max_seq_len=cfg.train.seq_len)
+    if mcfg.vocab_size < data_vocab:
+        raise ConfigError(
+            f"model.vocab_size ({mcfg.vocab_size}) is smaller than the data's vocabulary ({data_vocab})"
+        )
+    torch.manual_seed(cfg.train.seed)
+    return Llama(mcfg).to(device)
+
+
+def causal_lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    logits = model(batch[:, :-1])
+    return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, eval_loader, micro: int, device: torch.device) -> float:
+    model.eval()
+    losses = [causal_lm_loss(model, batch.to(device)) for batch in eval_loader.eval_batches(micro)]
+    model.train()
+    return all_reduce_mean(torch.stack(losses).mean()).item()
+
+
+def grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Global L2 norm of the raw gradients (exact under FSDP2); clips them in place when max_norm > 0."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, norm)
+    return norm
+
+
+def train(cfg: Config, dist_info: DistInfo) -> dict[str, Any]:
+    t, device, is_main = cfg.train, dist_info.device, dist_info.is_main
+    run_dir = cfg.run_dir
+    batches = Batches.plan(cfg, dist_info.world_size)
+    loader_args = dict(
+        seq_len=t.seq_len,
+        global_batch_size=t.global_batch_size,
+        rank=dist_info.rank,
+        world_size=dist_info.world_size,
+        run_dir=run_dir,
+    )
+    loader = build_loader(cfg.data, **loader_args)
+    eval_loader = build_loader(
+        cfg.data, **{**loader_args, "global_batch_size": cfg.data.eval_sequences}, split="eval"
+    )
+    model = build_model(cfg, loader.vocab_size, device)
+    n_params, flops_tok = num_params(model.config), flops_per_token(model.config, t.seq_len)
+    mesh = build_mesh(dist_info, cfg.parallel.dp_replicate, cfg.parallel.dp_shard)
+    apply_fsdp(
+        model,
+        mesh,
+        mixed_precision=cfg.parallel.mixed_precision,
+        activation_checkpointing=cfg.parallel.activation_checkpointing,
+        compile=cfg.parallel.compile,
+    )
+    try:
+        optimizer = build_optimizer(cfg.optim, model)
+    except ValueError as err:
+        raise ConfigError(f"optim: {err}") from None
+
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    state = ModelAndOptimizer(model, optimizer)
+    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last, is_main)
+    log = MetricsLogger(run_dir, is_main, cfg.metrics.tensorboard, t.steps)
+    step, tokens = 0, 0
+    resume = Path(cfg.checkpoint.resume_from) if cfg.checkpoint.resume_from else None
+    if resume is None and cfg.checkpoint.resume:
+        resume = latest_checkpoint(run_dir / "checkpoints")
+    if resume is not None:
+        saved = checkpointer.load(resume, state)
+        step, tokens = saved["step"], saved["tokens"]
+        loader.load_state_dict(saved["data"])
+        log.info(f"resumed from {resume} at step {step}")
+    log.info(
+        f"model {cfg.model.name}: {n_params / 1e6:.2f}M params | optimizer {cfg.optim.name} | "
+        f"world {dist_info.world_size} | global batch {t.global_batch_size} x {t.seq_len} tokens | "
+        f"accumulation {batches.accumulation}"
+    )
+    if loader.entropy_floor is not None:
+        log.info(f"generated corpus: best achievable loss (entropy floor) {loader.entropy_floor:.4f}")
+
+    peak_flops = (cfg.metrics.peak_tflops or detect_peak_tflops(device)) * 1e12
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    tokens_per_step = t.global_batch_size * t.seq_len
+    skips, start_step, start_time = 0, step, time.perf_counter()
+    window_time, window_tokens = start_time, 0
+    last_loss = float("nan")
+    while step < t.steps:
+        mult = lr_multiplier(step, t.steps, t.schedule, t.warmup_ratio, t.min_lr_ratio, t.decay_ratio)
+        for group, base in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base * mult
+        logging_step = (step + 1) % cfg.metrics.log_every == 0 or step + 1 == t.steps
+        optimizer.track_health = logging_step
+
+        batch = loader.next_batch().to(device)
+        loss_sum = torch.zeros((), device=device)
+        for micro in batch.split(batches.micro):
+            loss = causal_lm_loss(model, micro) / batches.accumulation
+            loss.backward()
+            loss_sum += loss.detach()
+        norm = grad_norm(model, t.grad_clip)
+        loss_value = all_reduce_mean(loss_sum).item()
+        if not (math.isfinite(loss_value) and math.isfinite(norm.item())):
+            skips += 1
+            if t.on_nonfinite == "stop" or skips > t.max_skips:
+                raise NonFiniteError(
+                    f"non-finite loss {loss_value} or grad norm {norm.item()} at step {step + 1}; "
+                    f"stopping without saving (last checkpoint is intact)"
+                )
+            log.info(f"step {step + 1}: non-finite loss or gradient, step skipped ({skips}/{t.max_skips})")
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            continue
+        skips = 0
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens += tokens_per_step
+        window_tokens += tokens_per_step
+        last_loss = loss_value
+
+        if logging_step:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            tok_s = window_tokens / (now - window_time)
+            values = {
+                "loss": loss_value,
+                "lr": base_lrs[0] * mult,
+                "grad_norm": norm.item(),
+                "tokens": tokens,
+                "tokens_per_s": tok_s,
+                **{f"optim/{k}": v for k, v in health_of(optimizer).items()},
+            }
+            if peak_flops:
+                values["mfu"] = flops_tok * tok_s / (peak_flops * dist_info.world_size)
+            log.log(step, values)
+            log.progress(step, loss_value, tok_s, now - start_time, step - start_step)
+            window_time, window_tokens = now, 0
+        if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
+            eval_loss = evaluate(model, eval_loader, batches.micro, device)
+            log.log(step, {"eval/loss": eval_loss})
+            log.info(f"step {step}: eval loss {eval_loss:.4f}")
+        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == t.steps:
+            trainer_state = {
+                "step": step,
+                "tokens": tokens,
+                "data": loader.state_dict(),
+                "world_size": dist_info.world_size,
+                "model": cfg.model.name,
+                "optim": cfg.optim.name,
+            }
+            path = checkpointer.save(step, state, trainer_state)
+            log.info(f"saved checkpoint {path}")
+    log.close()
+    return {"step": step, "loss": last_loss, "run_dir": str(run_dir)}
