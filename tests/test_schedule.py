@@ -12,7 +12,7 @@ def test_cosine_galore_setup() -> None:
     assert lrs[10] == pytest.approx(1.0)
     assert lrs[55] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 45 / 90)))
     assert lrs[-1] == pytest.approx(0.1, abs=1e-3)  # cosine ends at min_lr_ratio of the peak
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
 
 
 def test_wsd_and_constant() -> None:

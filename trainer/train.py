@@ -148,7 +148,7 @@ def train(cfg: Config, dist_info: DistInfo) -> dict[str, Any]:
     last_loss = float("nan")
     while step < t.steps:
         mult = lr_multiplier(step, t.steps, t.schedule, t.warmup_ratio, t.min_lr_ratio, t.decay_ratio)
-        for group, base in zip(optimizer.param_groups, base_lrs):
+        for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
             group["lr"] = base * mult
         logging_step = (step + 1) % cfg.metrics.log_every == 0 or step + 1 == t.steps
         optimizer.track_health = logging_step
