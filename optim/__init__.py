@@ -1,0 +1,144 @@
+"""Optimizers: the matrix rules of the spec (design/optimizers.md) with AdamW for the routed-out params.
+
+Every class is a torch.optim.Optimizer; on a plain list of 2-D params its own rule applies to all of them,
+and param groups with `algorithm="adamw"` are stepped by torch's AdamW inside the same object.
+`build_optimizer(cfg, model)` routes a model's parameters and builds one by name.
+
+| optimizer | argument | default |
+| --- | --- | --- |
+| all matrix rules | weight_decay | 0.0 (decoupled: W <- W (1 - lr wd); SWAN/SinkGD: an addition to the spec) |
+| all NS-based | comm_dtype | None = ns_dtype (row shards on the wire under FSDP2) |
+| adamw groups | lr, betas, eps, weight_decay | 1e-3, (0.9, 0.999), 1e-8, 1e-2 (torch.optim.AdamW's) |
+| Muon | lr | 0.02 |
+| Muon | momentum | 0.95 |
+| Muon | nesterov | True |
+| Muon | ns_steps | 5 |
+| Muon | ns_dtype | bfloat16 |
+| SWAN | lr | 1e-3 |
+| SWAN | eps | 1e-8 (GradNorm) |
+| SWAN | whitening | coupled (or ns5) |
+| SWAN | ns_steps | 10 for coupled, 5 for ns5 |
+| SWAN | ns_dtype | float32 for coupled, bfloat16 for ns5 |
+| SinkGD | lr | 1e-3 |
+| SinkGD | iters | 5 (config: sinkgd_iters) |
+| NorMuon | lr | 1e-3 for variant paper, 0.02 for reference_code |
+| NorMuon | variant | paper (or reference_code) |
+| NorMuon | momentum | 0.95 (b1) |
+| NorMuon | beta2 | 0.95 |
+| NorMuon | eps | 1e-8 |
+| NorMuon | ns_steps | 5 |
+| NorMuon | ns_dtype | bfloat16 |
+| AuON | lr | 0.24 |
+| AuON | momentum | 0.95 |
+| AuON | nesterov | True |
+| HybridAuON | lr, momentum, nesterov | as AuON |
+| HybridAuON | ns_steps | 1 (the paper; the released code uses 5) |
+| HybridAuON | ns_dtype | bfloat16 |
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from optim.auon import AuON, HybridAuON
+from optim.base import MatrixOptimizer
+from optim.health import health_of
+from optim.muon import Muon
+from optim.normuon import NorMuon
+from optim.routing import route_parameters
+from optim.sinkgd import SinkGD
+from optim.swan import SWAN
+
+OPTIMIZERS: dict[str, type[MatrixOptimizer]] = {
+    "swan": SWAN,
+    "sinkgd": SinkGD,
+    "normuon": NorMuon,
+    "auon": AuON,
+    "hybrid_auon": HybridAuON,
+    "muon": Muon,
+}
+# Config fields that configure the matrix rule (None = the optimizer's default), and the argument they set.
+RULE_OPTIONS = {
+    "momentum": "momentum",
+    "nesterov": "nesterov",
+    "ns_steps": "ns_steps",
+    "ns_dtype": "ns_dtype",
+    "variant": "variant",
+    "whitening": "whitening",
+    "sinkgd_iters": "iters",
+    "comm_dtype": "comm_dtype",
+}
+
+
+def _rule_kwargs(cfg: Any, name: str, accepted: set[str]) -> dict[str, Any]:
+    """Constructor kwargs from the config's set rule options; ValueError for one the optimizer lacks.
+
+    comm_dtype is passed where the optimizer has it and ignored where it has none (SinkGD, AuON and AdamW
+    never gather a matrix): it is a setting of the distribution layer, not of the rule.
+    """
+    kwargs = {}
+    for field, arg in RULE_OPTIONS.items():
+        value = getattr(cfg, field, None)
+        if value is None:
+            continue
+        if arg in accepted:
+            kwargs[arg] = value
+        elif field != "comm_dtype":
+            raise ValueError(f"optimizer {name!r} has no option {field!r}")
+    return kwargs
+
+
+def build_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer named by `cfg.name` over `model`'s trainable parameters (cfg: the trainer's OptimConfig).
+
+    "adamw": torch.optim.AdamW over all parameters with lr, (beta1, beta2), eps, weight_decay. Otherwise the
+    matrix rule over route_parameters(model)'s hidden matrices (lr, weight_decay and the set rule options),
+    plus an algorithm="adamw" group for the rest (adamw_lr / adamw_weight_decay, None = lr / weight_decay).
+    """
+    betas = (cfg.beta1, cfg.beta2)
+    if cfg.name == "adamw":
+        _rule_kwargs(cfg, "adamw", set())
+        for field in ("adamw_lr", "adamw_weight_decay"):
+            if getattr(cfg, field, None) is not None:
+                raise ValueError(f"optimizer 'adamw' has no option {field!r} (use lr / weight_decay)")
+        params = [p for p in model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {cfg.name!r}; known: adamw, {', '.join(OPTIMIZERS)}")
+    cls = OPTIMIZERS[cfg.name]
+    kwargs = _rule_kwargs(cfg, cfg.name, set(inspect.signature(cls.__init__).parameters))
+    matrices, others = route_parameters(model)
+    groups: list[dict[str, Any]] = [{"params": matrices}] if matrices else []
+    if others:
+        groups.append(
+            {
+                "params": others,
+                "algorithm": "adamw",
+                "lr": cfg.lr if cfg.adamw_lr is None else cfg.adamw_lr,
+                "betas": betas,
+                "eps": cfg.eps,
+                "weight_decay": cfg.weight_decay
+                if cfg.adamw_weight_decay is None
+                else cfg.adamw_weight_decay,
+            }
+        )
+    return cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
+
+
+__all__ = [
+    "OPTIMIZERS",
+    "SWAN",
+    "AuON",
+    "HybridAuON",
+    "MatrixOptimizer",
+    "Muon",
+    "NorMuon",
+    "SinkGD",
+    "build_optimizer",
+    "health_of",
+    "route_parameters",
+]

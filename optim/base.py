@@ -1,0 +1,233 @@
+"""Machinery shared by every matrix optimizer: param groups, the AdamW groups, state, updates, health.
+
+A `MatrixOptimizer` holds two kinds of param groups. Groups with `algorithm="adamw"` (embedding, head, norm
+gains) are stepped by torch's own functional AdamW, so they equal `torch.optim.AdamW` exactly (same state:
+`step`, `exp_avg`, `exp_avg_sq`). Every other group holds 2-D matrices and is stepped by the subclass's rule,
+which sees all of the step's matrices at once (`_matrix_step`) so that whole-matrix work is one call.
+
+State tensors have the type of their parameter (a DTensor with the parameter's placements under FSDP2), so
+torch.distributed.checkpoint saves and reshards them; the math runs in place on their local blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.adamw import adamw as functional_adamw
+
+from optim.health import StepHealth, single_group, summarize
+from optim.newton_schulz import orthogonality_error
+from optim.sharded import ShardInfo, local, shard_info
+
+# torch.optim.AdamW's defaults, used for any key an algorithm="adamw" group does not give.
+ADAMW_DEFAULTS: dict[str, Any] = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2}
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, name: str) -> torch.dtype | None:
+    """'bfloat16' | 'float32' | 'float64' (or the torch dtype, or None) -> torch dtype, else ValueError."""
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ValueError(f"{name} must be one of {', '.join(_DTYPES)}; got {dtype!r}")
+
+
+def check_choice(value: str, choices: tuple[str, ...], name: str) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def guarded_ratio(num: Tensor | float, den: Tensor) -> Tensor:
+    """num / den, and 0 where den == 0 (an all-zero gradient must give a zero update, never NaN)."""
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), 0.0)
+
+
+@dataclass
+class MatrixSlot:
+    """One matrix parameter in one step: its group, state, shard info and local blocks."""
+
+    param: Tensor
+    group: dict
+    state: dict
+    info: ShardInfo
+    weight: Tensor  # local block of the parameter (updated in place)
+    grad: Tensor  # local block of the gradient (read only: logging reads grads after the step)
+
+    @property
+    def rows(self) -> int:
+        return self.info.shape[0]
+
+    @property
+    def cols(self) -> int:
+        return self.info.shape[1]
+
+
+class MatrixOptimizer(torch.optim.Optimizer):
+    """Base class: the subclass's matrix rule for 2-D params, AdamW for groups with algorithm="adamw".
+
+    Set `track_health = True` before a step to have `health()` report that step's update statistics;
+    nothing extra is computed otherwise.
+    """
+
+    algorithm: str = ""  # the matrix rule's name, stored in its param groups
+    reports_orthogonality: bool = False  # NS-based rules report orth_error
+
+    def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
+        self.track_health = False
+        self._health: StepHealth | None = None
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        params = param_group["params"]
+        param_group["params"] = [params] if isinstance(params, Tensor) else list(params)
+        algorithm = param_group.setdefault("algorithm", self.algorithm)
+        if algorithm == "adamw":
+            for key, value in ADAMW_DEFAULTS.items():
+                param_group.setdefault(key, value)
+        elif algorithm != self.algorithm:
+            raise ValueError(
+                f"{type(self).__name__}: param group algorithm must be 'adamw' or {self.algorithm!r}"
+            )
+        else:
+            for p in param_group["params"]:
+                if p.ndim == 1:
+                    raise ValueError(
+                        f"{type(self).__name__}: 1-D parameters never take the matrix path; put them in a "
+                        f"param group with algorithm='adamw' (got shape {tuple(p.shape)})"
+                    )
+                if p.ndim != 2:
+                    raise ValueError(
+                        f"{type(self).__name__}: the matrix path takes 2-D parameters only, got {tuple(p.shape)}"
+                    )
+        super().add_param_group(param_group)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        slots: list[MatrixSlot] = []
+        for group in self.param_groups:
+            if group["algorithm"] == "adamw":
+                self._adamw_step(group)
+                continue
+            for p in group["params"]:
+                if p.grad is not None:
+                    slots.append(MatrixSlot(p, group, self.state[p], shard_info(p), local(p), local(p.grad)))
+        self._health = self._start_health(slots) if self.track_health and slots else None
+        if slots:
+            self._matrix_step(slots)
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's load, except that matrix-rule state keeps its saved dtype (fp32): torch would cast it to
+        the parameter's dtype (bf16 parameters would silently get bf16 state)."""
+        params = {}
+        for saved, group in zip(state_dict["param_groups"], self.param_groups, strict=False):
+            if group["algorithm"] != "adamw":
+                params.update(zip(saved["params"], group["params"], strict=False))
+        state = dict(state_dict["state"])
+        kept = {pid: state.pop(pid) for pid in list(state) if pid in params}
+        super().load_state_dict({**state_dict, "state": state})
+        for pid, saved_state in kept.items():
+            p = params[pid]
+            self.state[p] = {
+                k: v.to(device=p.device) if torch.is_tensor(v) else v for k, v in saved_state.items()
+            }
+
+    def _matrix_step(self, slots: list[MatrixSlot]) -> None:
+        """Update every matrix of this step (the subclass's rule)."""
+        raise NotImplementedError
+
+    def _adamw_step(self, group: dict) -> None:
+        """torch's functional AdamW on the local blocks (elementwise, so shard-local is exact)."""
+        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+                state["step"] = torch.tensor(0.0, dtype=scalar)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            params.append(local(p))
+            grads.append(local(p.grad))
+            exp_avgs.append(local(state["exp_avg"]))
+            exp_avg_sqs.append(local(state["exp_avg_sq"]))
+            steps.append(state["step"])
+        if not params:
+            return
+        beta1, beta2 = group["betas"]
+        functional_adamw(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            [],
+            steps,
+            foreach=None,
+            capturable=False,
+            differentiable=False,
+            fused=None,
+            grad_scale=None,
+            found_inf=None,
+            has_complex=False,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
+        )
+
+    def _state(self, slot: MatrixSlot, key: str) -> Tensor:
+        """Local block of an fp32 state tensor shaped (and placed) like the parameter, created as zeros."""
+        if key not in slot.state:
+            slot.state[key] = torch.zeros_like(slot.param, dtype=torch.float32)
+        return local(slot.state[key])
+
+    def _apply_update(self, slot: MatrixSlot, direction: Tensor, scale: float | Tensor) -> None:
+        """W <- W (1 - lr wd) - lr * scale * direction (scale: a number or a broadcastable tensor)."""
+        lr, wd = slot.group["lr"], slot.group["weight_decay"]
+        if self._health is not None:
+            update_sq = (direction.float() * scale).square().sum() * lr**2
+            self._health.sums[0] += update_sq
+            self._health.sums[1] += slot.weight.float().square().sum()
+        if wd:
+            slot.weight.mul_(1 - lr * wd)
+        if isinstance(scale, Tensor):
+            slot.weight.sub_((direction * scale).to(slot.weight.dtype), alpha=lr)
+        else:
+            slot.weight.add_(direction.to(slot.weight.dtype), alpha=-lr * scale)
+
+    def _orth_probe(self) -> Callable[[Tensor], None] | None:
+        """The probe for apply_to_whole_matrices: orth_error of the step's first matrix, when tracking."""
+        if self._health is None or not self.reports_orthogonality:
+            return None
+        record = self._health.record_orthogonality
+        return lambda whole: record(orthogonality_error(whole))
+
+    def _start_health(self, slots: list[MatrixSlot]) -> StepHealth:
+        sums = torch.zeros(3, dtype=torch.float32, device=slots[0].weight.device)
+        return StepHealth(sums, sum(s.rows * s.cols for s in slots), single_group([s.param for s in slots]))
+
+    def health(self) -> dict[str, float]:
+        """Update statistics of the last step taken with track_health=True ({} if the last step was not).
+
+        update_rms: RMS over all matrix elements of lr * (the rule's scaled direction), decoupled weight decay
+        excluded; update_weight_ratio: |update|_F / |W|_F over all matrices together, W before the update;
+        orth_error (NS-based rules): |O O^T - I|_F / sqrt(p) of the step's first matrix.
+        Collective under sharding: call it on every rank.
+        """
+        if self._health is None:
+            return {}
+        return summarize(self._health, self.reports_orthogonality)

@@ -1,0 +1,64 @@
+"""Muon (Keller Jordan's reference): momentum, then Newton-Schulz orthogonalization of the update."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from functools import partial
+
+import torch
+
+from optim.base import MatrixOptimizer, MatrixSlot, resolve_dtype
+from optim.newton_schulz import newton_schulz5
+from optim.sharded import apply_to_whole_matrices
+
+
+class Muon(MatrixOptimizer):
+    """M <- mu M + (1-mu) G; U = (1-mu) G + mu M (nesterov) or M; O = NS5(U);
+    W <- W (1 - lr wd) - lr sqrt(max(1, m/n)) O.  Unlike the reference, p.grad is never overwritten.
+
+    Args:
+        params: 2-D matrices, or param groups; groups with algorithm="adamw" are stepped by AdamW.
+        lr: 0.02. momentum: mu, 0.95. nesterov: True. weight_decay: 0.0 (decoupled).
+        ns_steps: Newton-Schulz iterations, 5. ns_dtype: "bfloat16" ("float32" for exactness).
+        comm_dtype: dtype of row shards on the wire under FSDP2; None = ns_dtype (then sharded == unsharded).
+    ns_steps, ns_dtype and comm_dtype are optimizer-wide (all matrices are orthogonalized in one batch).
+    """
+
+    algorithm = "muon"
+    reports_orthogonality = True
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 0.02,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        weight_decay: float = 0.0,
+        ns_steps: int = 5,
+        ns_dtype: str | torch.dtype = "bfloat16",
+        comm_dtype: str | torch.dtype | None = None,
+    ) -> None:
+        self.ns_steps = ns_steps
+        self.ns_dtype = resolve_dtype(ns_dtype, "ns_dtype")
+        self.comm_dtype = resolve_dtype(comm_dtype, "comm_dtype") or self.ns_dtype
+        defaults = {"lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay}
+        super().__init__(params, defaults)
+
+    def _matrix_step(self, slots: list[MatrixSlot]) -> None:
+        inputs = []
+        for slot in slots:
+            mu = slot.group["momentum"]
+            buf = self._state(slot, "momentum_buffer")
+            grad = slot.grad.float()
+            buf.lerp_(grad, 1 - mu)
+            inputs.append(grad.lerp(buf, mu) if slot.group["nesterov"] else buf)
+        ortho = apply_to_whole_matrices(
+            partial(newton_schulz5, steps=self.ns_steps, dtype=self.ns_dtype),
+            inputs,
+            [s.info for s in slots],
+            comm_dtype=self.comm_dtype,
+            probe=self._orth_probe(),
+        )
+        for slot, o in zip(slots, ortho, strict=True):
+            self._apply_update(slot, o, math.sqrt(max(1.0, slot.rows / slot.cols)))

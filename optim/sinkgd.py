@@ -1,0 +1,45 @@
+"""SinkGD (gradient multi-normalization, Scetbon et al. 2025): stateless alternating row/column scaling."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+from optim.base import MatrixOptimizer, MatrixSlot
+from optim.sharded import all_reduce_sums
+
+NORM_EPS = 1e-8
+
+
+class SinkGD(MatrixOptimizer):
+    """X = G; `iters` times: scale each row to l2-norm sqrt(n), then each column to l2-norm sqrt(m) (norms
+    clamped at 1e-8); W <- W (1 - lr wd) - lr X. X has per-element RMS exactly 1. No state.
+
+    Under FSDP2 rows are local and each column normalization is one all-reduce of the column sums of squares
+    (all matrices of the step in one collective), so the result equals the unsharded one to float rounding.
+
+    Args:
+        params: 2-D matrices, or param groups; groups with algorithm="adamw" are stepped by AdamW.
+        lr: 1e-3. iters: L, 5. weight_decay: 0.0 (decoupled; an addition to the spec, which has none).
+    """
+
+    algorithm = "sinkgd"
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, iters: int = 5, weight_decay: float = 0.0) -> None:
+        if iters < 1:
+            raise ValueError(f"SinkGD iters must be >= 1, got {iters}")
+        self.iters = iters
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+
+    def _matrix_step(self, slots: list[MatrixSlot]) -> None:
+        xs = [s.grad.float().clone() for s in slots]
+        infos = [s.info for s in slots]
+        for _ in range(self.iters):
+            for slot, x in zip(slots, xs, strict=True):
+                x.mul_(math.sqrt(slot.cols) / x.norm(dim=1, keepdim=True).clamp_min(NORM_EPS))
+            col_sq = [x.square().sum(dim=0) for x in xs]
+            all_reduce_sums(col_sq, infos)
+            for slot, x, sq in zip(slots, xs, col_sq, strict=True):
+                x.mul_(math.sqrt(slot.rows) / sq.sqrt().clamp_min(NORM_EPS))
+        for slot, x in zip(slots, xs, strict=True):
+            self._apply_update(slot, x, 1.0)

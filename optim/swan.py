@@ -1,0 +1,72 @@
+"""SWAN (SGD with Whitening And Normalization, Ma et al. 2024): stateless GradNorm + GradWhitening."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from functools import partial
+
+import torch
+
+from optim.base import MatrixOptimizer, MatrixSlot, check_choice, resolve_dtype
+from optim.newton_schulz import coupled_inverse_sqrt_polar, newton_schulz5
+from optim.sharded import apply_to_whole_matrices
+
+WHITENINGS = ("coupled", "ns5")
+
+
+class SWAN(MatrixOptimizer):
+    """1. GradNorm (row-local): G~ = (G - mean_row G) / (std_row G + eps), population std over the n columns.
+    2. GradWhitening (whole matrix): D = (G~ G~^T)^{-1/2} G~ by the coupled Newton-Schulz inverse-sqrt
+       iteration (whitening="coupled") or D = NS5(G~) (whitening="ns5").
+    3. W <- W (1 - lr wd) - lr sqrt(max(m, n)) D  (per-element update RMS 1). No state at all.
+
+    Args:
+        params: 2-D matrices, or param groups; groups with algorithm="adamw" are stepped by AdamW.
+        lr: 1e-3 (the papers' 0.02 times alpha 0.05). eps: GradNorm's, 1e-8.
+        weight_decay: 0.0 (decoupled; an addition to the spec, which has none).
+        whitening: "coupled" (default) | "ns5".
+        ns_steps: None = 10 for coupled, 5 for ns5. ns_dtype: None = "float32" for coupled, "bfloat16" for ns5.
+        comm_dtype: dtype of row shards on the wire under FSDP2; None = ns_dtype.
+    whitening, ns_steps, ns_dtype and comm_dtype are optimizer-wide.
+    """
+
+    algorithm = "swan"
+    reports_orthogonality = True
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        whitening: str = "coupled",
+        ns_steps: int | None = None,
+        ns_dtype: str | torch.dtype | None = None,
+        comm_dtype: str | torch.dtype | None = None,
+    ) -> None:
+        self.whitening = check_choice(whitening, WHITENINGS, "SWAN whitening")
+        coupled = whitening == "coupled"
+        self.ns_steps = ns_steps if ns_steps is not None else (10 if coupled else 5)
+        default_dtype = torch.float32 if coupled else torch.bfloat16
+        self.ns_dtype = resolve_dtype(ns_dtype, "ns_dtype") or default_dtype
+        self.comm_dtype = resolve_dtype(comm_dtype, "comm_dtype") or self.ns_dtype
+        super().__init__(params, {"lr": lr, "eps": eps, "weight_decay": weight_decay})
+
+    def _matrix_step(self, slots: list[MatrixSlot]) -> None:
+        normalized = []
+        for slot in slots:
+            grad = slot.grad.float()
+            mean = grad.mean(dim=1, keepdim=True)
+            std = grad.std(dim=1, correction=0, keepdim=True)
+            normalized.append((grad - mean) / (std + slot.group["eps"]))
+        whiten = coupled_inverse_sqrt_polar if self.whitening == "coupled" else newton_schulz5
+        whitened = apply_to_whole_matrices(
+            partial(whiten, steps=self.ns_steps, dtype=self.ns_dtype),
+            normalized,
+            [s.info for s in slots],
+            comm_dtype=self.comm_dtype,
+            probe=self._orth_probe(),
+        )
+        for slot, d in zip(slots, whitened, strict=True):
+            self._apply_update(slot, d, math.sqrt(max(slot.rows, slot.cols)))
