@@ -103,7 +103,7 @@ def train(cfg: Config, dist_info: DistInfo) -> dict[str, Any]:
         cfg.data, **{**loader_args, "global_batch_size": cfg.data.eval_sequences}, split="eval"
     )
     model = build_model(cfg, loader.vocab_size, device)
-    n_params, flops_tok = num_params(model.config), flops_per_token(model.config, t.seq_len)
+    n_params, flops_tok = num_params(model.cfg), flops_per_token(model.cfg, t.seq_len)
     mesh = build_mesh(dist_info, cfg.parallel.dp_replicate, cfg.parallel.dp_shard)
     apply_fsdp(
         model,

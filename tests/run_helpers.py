@@ -1,0 +1,36 @@
+"""Run the real trainer inside a test (in spawned gloo processes) and read back what a user would read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from trainer.config import load_config
+from trainer.distributed import init_distributed
+from trainer.train import train
+
+# A few seconds per run: tiny model, short sequences, few steps, one eval at the end on a small held-out set.
+FAST = [
+    "--train.steps=5",
+    "--train.global_batch_size=8",
+    "--train.micro_batch_size=2",
+    "--train.seq_len=32",
+    "--train.warmup_ratio=0.2",
+    "--train.eval_every=0",
+    "--data.eval_sequences=8",
+    "--metrics.log_every=1",
+    "--metrics.tensorboard=false",
+    "--checkpoint.every=0",
+]
+
+
+def train_in_process(config: str, overrides: list[str]) -> dict:
+    """Entry point for run_distributed: one rank of a training run."""
+    cfg = load_config(config, overrides)
+    return train(cfg, init_distributed("cpu", "gloo"))
+
+
+def logged(run_dir: Path, key: str = "loss") -> list[float]:
+    """The values of `key` in metrics.jsonl, in step order."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [rec[key] for rec in map(json.loads, lines) if key in rec]

@@ -1,0 +1,78 @@
+"""End to end through the command line, as a user runs it: torchrun + launch/pretrain.py, and its error exits."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.run_helpers import logged
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def pretrain(*args: str, nproc: int = 0, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    if nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    else:
+        cmd = [sys.executable]
+    cmd += [str(ROOT / "launch" / "pretrain.py"), *args]
+    return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_trains_logs_and_checkpoints(tmp_path: Path) -> None:
+    result = pretrain(
+        "--config", "tiny_adamw.yaml", f"--train.runs_dir={tmp_path}", "--train.steps=30",
+        "--metrics.log_every=5", "--train.eval_every=15", "--checkpoint.every=15", nproc=2,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "tiny_adamw"
+    losses = logged(run_dir)
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.5  # a clearly falling loss
+    assert len(logged(run_dir, "eval/loss")) == 2
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000015", "step_000030"]
+    assert (run_dir / "config.yaml").is_file()
+    assert f"tensorboard --logdir {run_dir / 'tb'}" in result.stdout
+    assert "step 30/30" in result.stdout and "ETA" in result.stdout
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    tb_loss = [e.value for e in events.Scalars("loss")]
+    assert tb_loss == pytest.approx(losses)
+    assert {"lr", "grad_norm", "tokens_per_s", "eval/loss"} <= set(events.Tags()["scalars"])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config", "tiny_adamw.yaml", "--optim.lrr=1"], "error: unknown config key 'optim.lrr'"),
+        (["--config", "tiny_adamw.yaml", "--train.steps=x"], "error: train.steps: expected int, got str"),
+        (["--config", "nope.yaml"], "error: config file not found: nope.yaml"),
+        (["--config", "tiny_adamw.yaml", "--data.source=missing.jsonl"], "error: data.source: no such file"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path: Path, args, message) -> None:
+    result = pretrain(*args, f"--train.runs_dir={tmp_path / 'runs'}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith(message)
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_global_batch_not_divisible_by_world_size_is_a_usage_error(tmp_path: Path) -> None:
+    result = pretrain(
+        "--config", "tiny_adamw.yaml", f"--train.runs_dir={tmp_path}", "--train.global_batch_size=12",
+        "--train.micro_batch_size=4", nproc=2,
+    )
+    assert result.returncode != 0
+    assert "error: train.global_batch_size (12) must be a multiple of train.micro_batch_size (4) x world size (2)" in (
+        result.stderr
+    )
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,30 @@
+"""FSDP2 over gloo: the same seed and global batch give the same losses at world sizes 1, 2 and 4."""
+
+import pytest
+
+from tests.distributed import run_distributed
+from tests.run_helpers import FAST, logged, train_in_process
+
+
+def _losses(tmp_path, world_size: int, extra: list[str] = ()) -> list[float]:
+    name = f"ws{world_size}"
+    overrides = [*FAST, f"--train.runs_dir={tmp_path}", f"--train.run_name={name}", *extra]
+    run_distributed(train_in_process, world_size, "tiny_adamw.yaml", overrides)
+    return logged(tmp_path / name)
+
+
+@pytest.mark.slow
+def test_world_sizes_1_2_4_give_the_same_adamw_losses(tmp_path) -> None:
+    reference = _losses(tmp_path, 1)
+    assert len(reference) == 5 and reference[-1] < reference[0]
+    for world_size in (2, 4):
+        assert _losses(tmp_path, world_size) == pytest.approx(reference, rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_accumulation_and_activation_checkpointing_do_not_change_losses(tmp_path) -> None:
+    # global 8 = micro 2 x accumulation 2 x world 2, against micro 4 x accumulation 1 x world 2, with recomputation.
+    plain = _losses(tmp_path, 2, ["--train.micro_batch_size=4"])
+    (tmp_path / "ws2").rename(tmp_path / "plain")
+    checkpointed = _losses(tmp_path, 2, ["--parallel.activation_checkpointing=true"])
+    assert checkpointed == pytest.approx(plain, rel=1e-5, abs=1e-5)
