@@ -14,20 +14,9 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.checkpoint.stateful import Stateful
-from torch.optim import Optimizer
 
 TRAINER_STATE = "trainer_state.json"
 PARTIAL = ".partial"
@@ -35,24 +24,6 @@ PARTIAL = ".partial"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used (missing shard, other model shape, ...): one line, nothing deleted."""
-
-
-class ModelAndOptimizer(Stateful):
-    """DCP's view of the training state: FQN-keyed, DTensor-sharded model and optimizer state."""
-
-    def __init__(self, model: nn.Module, optimizer: Optimizer):
-        self.model = model
-        self.optimizer = optimizer
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "model": get_model_state_dict(self.model),
-            "optim": get_optimizer_state_dict(self.model, self.optimizer),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        set_model_state_dict(self.model, state["model"], options=StateDictOptions(strict=True))
-        set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
 
 
 def step_dir_name(step: int) -> str:
@@ -83,6 +54,14 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: unreadable {TRAINER_STATE} ({err})") from None
 
 
+class ShardedState(Protocol):
+    """What an engine provides: each rank writes / reads its own shards of model and optimizer state."""
+
+    def save(self, path: Path) -> None: ...
+
+    def load(self, path: Path) -> None: ...
+
+
 class Checkpointer:
     """Saves and restores the whole training state under one run's checkpoints/ directory."""
 
@@ -91,7 +70,7 @@ class Checkpointer:
         self.keep_last = keep_last
         self.is_main = is_main
 
-    def save(self, step: int, state: ModelAndOptimizer, trainer_state: dict[str, Any]) -> Path:
+    def save(self, step: int, state: ShardedState, trainer_state: dict[str, Any]) -> Path:
         """Write shards into step_N.partial, then (rank 0, after every rank is done) the trainer state and rename."""
         final = self.dir / step_dir_name(step)
         partial = final.with_name(final.name + PARTIAL)
@@ -100,7 +79,7 @@ class Checkpointer:
                 shutil.rmtree(stale, ignore_errors=True)
             partial.mkdir(parents=True, exist_ok=True)
         _barrier()
-        dcp.save({"app": state}, checkpoint_id=str(partial))
+        state.save(partial)
         _barrier()
         if self.is_main:
             (partial / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))
@@ -111,13 +90,13 @@ class Checkpointer:
         _barrier()
         return final
 
-    def load(self, path: Path, state: ModelAndOptimizer) -> dict[str, Any]:
+    def load(self, path: Path, state: ShardedState) -> dict[str, Any]:
         """Restore `state` in place from a complete checkpoint; return its trainer state."""
         if not is_complete(path):
             raise CheckpointError(f"{path}: not a complete checkpoint (no {TRAINER_STATE})")
         trainer_state = read_trainer_state(path)
         try:
-            dcp.load({"app": state}, checkpoint_id=str(path))
+            state.load(path)
         except Exception as err:  # DCP wraps per-rank failures; reduce them to one line for the user
             first = str(err).strip().splitlines()
             raise CheckpointError(

@@ -9,15 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models import Llama, flops_per_token, model_config, num_params
 from optim import build_optimizer, health_of
-from trainer.checkpoint import Checkpointer, ModelAndOptimizer, latest_checkpoint
+from trainer.checkpoint import Checkpointer, latest_checkpoint
 from trainer.config import Config, ConfigError, save_config
 from trainer.data import build_loader
 from trainer.distributed import DistInfo, all_reduce_mean, build_mesh
+from trainer.engine import FSDP2Engine, causal_lm_loss
 from trainer.metrics import MetricsLogger, detect_peak_tflops
 from trainer.parallel import apply_fsdp
 from trainer.schedule import lr_multiplier
@@ -63,28 +63,16 @@ def build_model(cfg: Config, data_vocab: int, device: torch.device) -> Llama:
     return Llama(mcfg).to(device)
 
 
-def causal_lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    logits = model(batch[:, :-1])
-    return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, eval_loader, micro: int, device: torch.device) -> float:
+    """Mean loss over the whole held-out set (batches weighted by their size, exact over ranks)."""
     model.eval()
-    losses = [causal_lm_loss(model, batch.to(device)) for batch in eval_loader.eval_batches(micro)]
+    total = torch.zeros(2, device=device)
+    for batch in eval_loader.eval_batches(micro):
+        total += torch.stack([causal_lm_loss(model, batch.to(device)) * len(batch), torch.tensor(len(batch))])
     model.train()
-    return all_reduce_mean(torch.stack(losses).mean()).item()
-
-
-def grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
-    """Global L2 norm of the raw gradients (exact under FSDP2); clips them in place when max_norm > 0."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads)
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, norm)
-    return norm
+    total = all_reduce_mean(total)
+    return (total[0] / total[1]).item()
 
 
 def train(cfg: Config, dist_info: DistInfo) -> dict[str, Any]:
@@ -120,7 +108,7 @@ def train(cfg: Config, dist_info: DistInfo) -> dict[str, Any]:
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-    state = ModelAndOptimizer(model, optimizer)
+    engine = FSDP2Engine(model, optimizer)
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last, is_main)
     log = MetricsLogger(run_dir, is_main, cfg.metrics.tensorboard, t.steps)
     step, tokens = 0, 0
@@ -128,7 +116,7 @@ def train(cfg: Config, dist_info: DistInfo) -> dict[str, Any]:
     if resume is None and cfg.checkpoint.resume:
         resume = latest_checkpoint(run_dir / "checkpoints")
     if resume is not None:
-        saved = checkpointer.load(resume, state)
+        saved = checkpointer.load(resume, engine)
         step, tokens = saved["step"], saved["tokens"]
         loader.load_state_dict(saved["data"])
         log.info(f"resumed from {resume} at step {step}")
@@ -154,13 +142,8 @@ def train(cfg: Config, dist_info: DistInfo) -> dict[str, Any]:
         optimizer.track_health = logging_step
 
         batch = loader.next_batch().to(device)
-        loss_sum = torch.zeros((), device=device)
-        for micro in batch.split(batches.micro):
-            loss = causal_lm_loss(model, micro) / batches.accumulation
-            loss.backward()
-            loss_sum += loss.detach()
-        norm = grad_norm(model, t.grad_clip)
-        loss_value = all_reduce_mean(loss_sum).item()
+        loss_value = all_reduce_mean(engine.forward_backward(list(batch.split(batches.micro)))).item()
+        norm = engine.grad_norm()
         if not (math.isfinite(loss_value) and math.isfinite(norm.item())):
             skips += 1
             if t.on_nonfinite == "stop" or skips > t.max_skips:
@@ -169,12 +152,11 @@ def train(cfg: Config, dist_info: DistInfo) -> dict[str, Any]:
                     f"stopping without saving (last checkpoint is intact)"
                 )
             log.info(f"step {step + 1}: non-finite loss or gradient, step skipped ({skips}/{t.max_skips})")
-            optimizer.zero_grad(set_to_none=True)
+            engine.skip()
             step += 1
             continue
         skips = 0
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        engine.step(norm, t.grad_clip)
         step += 1
         tokens += tokens_per_step
         window_tokens += tokens_per_step
@@ -211,7 +193,7 @@ def train(cfg: Config, dist_info: DistInfo) -> dict[str, Any]:
                 "model": cfg.model.name,
                 "optim": cfg.optim.name,
             }
-            path = checkpointer.save(step, state, trainer_state)
+            path = checkpointer.save(step, engine, trainer_state)
             log.info(f"saved checkpoint {path}")
     log.close()
     return {"step": step, "loss": last_loss, "run_dir": str(run_dir)}
