@@ -5,6 +5,8 @@ from models.llama import LlamaConfig
 # vocab_size None means "taken from the data" (the tokenizer's size), passed to model_config.
 MODEL_SIZES: dict[str, dict] = {
     "llama_tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=176, vocab_size=None),
+    # A few million parameters: the CPU convergence benchmark's model (benchmarks/convergence.py).
+    "llama_3m": dict(dim=192, n_layers=6, n_heads=6, intermediate_size=512, vocab_size=None),
     "llama_60m": dict(dim=512, n_layers=8, n_heads=8, intermediate_size=1376),
     "llama_130m": dict(dim=768, n_layers=12, n_heads=12, intermediate_size=2048),
     "llama_350m": dict(dim=1024, n_layers=24, n_heads=16, intermediate_size=2736),
