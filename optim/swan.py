@@ -57,9 +57,10 @@ class SWAN(MatrixOptimizer):
         normalized = []
         for slot in slots:
             grad = slot.grad.float()
-            mean = grad.mean(dim=1, keepdim=True)
-            std = grad.std(dim=1, correction=0, keepdim=True)
-            normalized.append((grad - mean) / (std + slot.group["eps"]))
+            centered = grad - grad.mean(dim=1, keepdim=True)
+            # population std, written out: torch.std warns on a rank's empty (0-row) block
+            std = centered.square().mean(dim=1, keepdim=True).sqrt()
+            normalized.append(centered / (std + slot.group["eps"]))
         whiten = coupled_inverse_sqrt_polar if self.whitening == "coupled" else newton_schulz5
         whitened = apply_to_whole_matrices(
             partial(whiten, steps=self.ns_steps, dtype=self.ns_dtype),
