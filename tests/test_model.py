@@ -85,7 +85,7 @@ def test_model_config_overrides_and_errors():
     cfg = model_config("llama_60m", vocab_size=50257, max_seq_len=1024)
     assert (cfg.vocab_size, cfg.max_seq_len) == (50257, 1024)
     with pytest.raises(ValueError, match="llama_tiny, llama_3m, llama_60m"):
-        model_config("llama_3m")
+        model_config("llama_2m")
     with pytest.raises(ValueError, match="vocab_size"):
         model_config("llama_tiny")
     with pytest.raises(ValueError, match="n_kv_heads=3"):
