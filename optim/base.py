@@ -166,13 +166,13 @@ class MatrixOptimizer(torch.optim.Optimizer):
         if not params:
             return
         beta1, beta2 = group["betas"]
-        functional_adamw(
-            params,
-            grads,
-            exp_avgs,
-            exp_avg_sqs,
-            [],
-            steps,
+        functional_adamw(  # every argument by name: the signature is the same in torch 2.2 .. 2.13
+            params=params,
+            grads=grads,
+            exp_avgs=exp_avgs,
+            exp_avg_sqs=exp_avg_sqs,
+            max_exp_avg_sqs=[],
+            state_steps=steps,
             foreach=None,
             capturable=False,
             differentiable=False,

@@ -1,0 +1,132 @@
+"""Cost of one optimizer step on the hidden matrices of one llama_350m layer, as a ratio to AdamW.
+
+The matrices (q, k, v, o: dim x dim; gate, up: ffn x dim; down: dim x ffn) get random gradients; every optimizer
+steps the same tensors. Timing: warmup steps, then rounds in which every optimizer takes one step in a fresh
+random order (interleaving spreads a noisy machine's slow moments over all of them); the median per optimizer.
+Beside it, the FLOPs of one step from the spec: the matrix products exactly (NS5: ns_steps (4 p^2 q + 2 p^3) per
+matrix, i.e. 20 p^2 q + 10 p^3 for 5 steps; SWAN's coupled iteration: 4 p^2 q + 6 ns_steps p^3), and the
+elementwise work as an estimate (c FLOPs per element, c counted from each rule's operations).
+
+    python benchmarks/optimizer_step.py [--device cuda] [--ns-dtype float32] [--repeats 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from models import model_config  # noqa: E402
+from optim import SWAN, AuON, HybridAuON, Muon, NorMuon, SinkGD  # noqa: E402
+
+# Estimated elementwise FLOPs per matrix element of one step (momentum lerps, normalizations, the update).
+ELEMENTWISE = {"adamw": 12, "muon": 8, "swan": 8, "sinkgd": 32, "normuon": 13, "auon": 15, "hybrid_auon": 12}
+
+
+def layer_shapes(model: str) -> list[tuple[int, int]]:
+    cfg = model_config(model)
+    dim, ffn, kv = cfg.dim, cfg.intermediate_size, cfg.n_kv_heads * cfg.head_dim
+    return [(dim, dim), (kv, dim), (kv, dim), (dim, dim), (ffn, dim), (ffn, dim), (dim, ffn)]
+
+
+def ns5_flops(m: int, n: int, steps: int) -> float:
+    p, q = min(m, n), max(m, n)
+    return steps * (4 * p * p * q + 2 * p**3)
+
+
+def coupled_flops(m: int, n: int, steps: int) -> float:
+    p, q = min(m, n), max(m, n)
+    return 4 * p * p * q + 6 * steps * p**3
+
+
+def optimizers(ns_dtype: str | None) -> dict[str, tuple[Callable, Callable[[int, int], float]]]:
+    """name -> (constructor over a param list, matmul FLOPs of one matrix (m, n))."""
+    ns = {} if ns_dtype is None else {"ns_dtype": ns_dtype}
+    return {
+        "adamw": (lambda p: torch.optim.AdamW(p, lr=1e-3), lambda m, n: 0.0),
+        "muon": (lambda p: Muon(p, **ns), lambda m, n: ns5_flops(m, n, 5)),
+        "swan": (lambda p: SWAN(p, **ns), lambda m, n: coupled_flops(m, n, 10)),
+        "swan_ns5": (lambda p: SWAN(p, whitening="ns5", **ns), lambda m, n: ns5_flops(m, n, 5)),
+        "sinkgd": (lambda p: SinkGD(p), lambda m, n: 0.0),
+        "normuon": (lambda p: NorMuon(p, **ns), lambda m, n: ns5_flops(m, n, 5)),
+        "auon": (lambda p: AuON(p), lambda m, n: 0.0),
+        "hybrid_auon": (lambda p: HybridAuON(p, **ns), lambda m, n: ns5_flops(m, n, 1)),
+    }
+
+
+def time_step(opt: torch.optim.Optimizer, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="llama_350m")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--ns-dtype", choices=["bfloat16", "float32"], default=None, help="default: each's own"
+    )
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--only", nargs="*", help="subset of optimizers (adamw is always measured)")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    shapes = layer_shapes(args.model)
+    gen = torch.Generator(device=device).manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, device=device, generator=gen) * 0.02) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, device=device, generator=gen)
+    table = optimizers(args.ns_dtype)
+    names = ["adamw", *[n for n in table if n != "adamw" and (not args.only or n in args.only)]]
+    opts = {name: table[name][0](params) for name in names}
+    for _ in range(args.warmup):
+        for opt in opts.values():
+            opt.step()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    rng = random.Random(0)
+    for _ in range(args.repeats):
+        order = list(names)
+        rng.shuffle(order)
+        for name in order:
+            times[name].append(time_step(opts[name], device))
+
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    numel = sum(m * n for m, n in shapes)
+    print(
+        f"One optimizer step on one {args.model} layer's hidden matrices {shapes} ({numel / 1e6:.1f}M elements),"
+    )
+    print(
+        f"device {device}, torch threads {torch.get_num_threads()}, median of {args.repeats} after {args.warmup}.\n"
+    )
+    print("| optimizer | ns_dtype | step ms | x AdamW | matmul GFLOP | elementwise GFLOP (est.) | GFLOP/s |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for name in names:
+        matmul = sum(table[name][1](m, n) for m, n in shapes)
+        elementwise = ELEMENTWISE[name.removesuffix("_ns5")] * numel
+        dtype = getattr(opts[name], "ns_dtype", None)
+        dtype = str(dtype).removeprefix("torch.") if dtype is not None else "-"
+        seconds = medians[name]
+        print(
+            f"| {name} | {dtype} | {seconds * 1e3:.1f} | {seconds / medians['adamw']:.2f} | {matmul / 1e9:.1f} "
+            f"| {elementwise / 1e9:.3f} | {(matmul + elementwise) / seconds / 1e9:.1f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
