@@ -6,19 +6,23 @@ from tests.distributed import run_distributed
 from tests.run_helpers import FAST, logged, train_in_process
 
 
-def _losses(tmp_path, world_size: int, extra: list[str] = ()) -> list[float]:
+def _losses(tmp_path, world_size: int, extra: list[str] = (), key: str = "loss") -> list[float]:
     name = f"ws{world_size}"
     overrides = [*FAST, f"--train.runs_dir={tmp_path}", f"--train.run_name={name}", *extra]
     run_distributed(train_in_process, world_size, "tiny_adamw.yaml", overrides)
-    return logged(tmp_path / name)
+    return logged(tmp_path / name, key)
 
 
 @pytest.mark.slow
 def test_world_sizes_1_2_4_give_the_same_adamw_losses(tmp_path) -> None:
     reference = _losses(tmp_path, 1)
+    reference_norms = logged(tmp_path / "ws1", "grad_norm")
     assert len(reference) == 5 and reference[-1] < reference[0]
     for world_size in (2, 4):
         assert _losses(tmp_path, world_size) == pytest.approx(reference, rel=1e-5, abs=1e-5)
+        # The global grad norm (what clipping uses) is exact under sharding too.
+        norms = logged(tmp_path / f"ws{world_size}", "grad_norm")
+        assert norms == pytest.approx(reference_norms, rel=1e-5)
 
 
 @pytest.mark.slow
