@@ -60,7 +60,7 @@ class OptimConfig:
     variant: str | None = None
     whitening: str | None = None
     sinkgd_iters: int | None = None
-    comm_dtype: str = "bfloat16"
+    comm_dtype: str | None = None  # dtype of row shards sent to Newton-Schulz owners; None = ns_dtype
 
 
 @dataclass
