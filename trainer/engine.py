@@ -1,16 +1,14 @@
 """The FSDP2 engine: what one optimizer step does to a sharded model, behind a small interface.
 
-The loop in train.py talks only to this interface (forward_backward, grad_norm, step, skip, save, load), so the
-DeepSpeed engine (trainer/engine_deepspeed.py) can stand in for it without a second copy of the loop.
+The loop in train.py talks only to this interface (forward_backward, grad_norm, step, skip, checkpoint_state),
+so the DeepSpeed engine (trainer/engine_deepspeed.py) can stand in for it without a second copy of the loop.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -80,9 +78,6 @@ class FSDP2Engine:
     def skip(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-    def save(self, path: Path) -> None:
-        """Every rank writes its own shards of model and optimizer state into `path`."""
-        dcp.save({"app": ModelAndOptimizer(self.model, self.optimizer)}, checkpoint_id=str(path))
-
-    def load(self, path: Path) -> None:
-        dcp.load({"app": ModelAndOptimizer(self.model, self.optimizer)}, checkpoint_id=str(path))
+    def checkpoint_state(self) -> dict[str, Stateful]:
+        """What trainer.checkpoint saves and loads: each rank's shards of model and optimizer state."""
+        return {"app": ModelAndOptimizer(self.model, self.optimizer)}

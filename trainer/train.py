@@ -13,7 +13,7 @@ from torch import nn
 
 from models import Llama, flops_per_token, model_config, num_params
 from optim import build_optimizer, health_of
-from trainer.checkpoint import Checkpointer, latest_checkpoint
+from trainer.checkpoint import Checkpointer, latest_checkpoint, restore_rng, rng_states
 from trainer.config import Config, ConfigError, save_config
 from trainer.data import build_loader
 from trainer.distributed import DistInfo, all_reduce_mean, build_mesh
@@ -105,20 +105,25 @@ def train(cfg: Config, dist_info: DistInfo) -> dict[str, Any]:
     except ValueError as err:
         raise ConfigError(f"optim: {err}") from None
 
+    engine = FSDP2Engine(model, optimizer)
+    ckpt = cfg.checkpoint
+    checkpointer = Checkpointer(run_dir / "checkpoints", ckpt.keep_last, is_main, ckpt.async_save)
+    # The config's peak lrs, taken before a resume: a checkpoint's param groups hold scheduled ones.
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    step, tokens = 0, 0
+    resume = Path(ckpt.resume_from) if ckpt.resume_from else None
+    if resume is None and ckpt.resume:
+        resume = latest_checkpoint(run_dir / "checkpoints")
+    if resume is not None:  # before anything is written: a checkpoint that does not fit changes nothing
+        saved = checkpointer.load(resume, engine.checkpoint_state(), expect={"optim": cfg.optim.name})
+        step, tokens = saved["step"], saved["tokens"]
+        loader.load_state_dict(saved["data"])
+        restore_rng(saved, dist_info.rank, dist_info.world_size, t.seed, device)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-    engine = FSDP2Engine(model, optimizer)
-    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last, is_main)
     log = MetricsLogger(run_dir, is_main, cfg.metrics.tensorboard, t.steps)
-    step, tokens = 0, 0
-    resume = Path(cfg.checkpoint.resume_from) if cfg.checkpoint.resume_from else None
-    if resume is None and cfg.checkpoint.resume:
-        resume = latest_checkpoint(run_dir / "checkpoints")
     if resume is not None:
-        saved = checkpointer.load(resume, engine)
-        step, tokens = saved["step"], saved["tokens"]
-        loader.load_state_dict(saved["data"])
         log.info(f"resumed from {resume} at step {step}")
     log.info(
         f"model {cfg.model.name}: {n_params / 1e6:.2f}M params | optimizer {cfg.optim.name} | "
@@ -129,7 +134,6 @@ def train(cfg: Config, dist_info: DistInfo) -> dict[str, Any]:
         log.info(f"generated corpus: best achievable loss (entropy floor) {loader.entropy_floor:.4f}")
 
     peak_flops = (cfg.metrics.peak_tflops or detect_peak_tflops(device)) * 1e12
-    base_lrs = [group["lr"] for group in optimizer.param_groups]
     tokens_per_step = t.global_batch_size * t.seq_len
     skips, start_step, start_time = 0, step, time.perf_counter()
     window_time, window_tokens = start_time, 0
@@ -147,6 +151,7 @@ def train(cfg: Config, dist_info: DistInfo) -> dict[str, Any]:
         if not (math.isfinite(loss_value) and math.isfinite(norm.item())):
             skips += 1
             if t.on_nonfinite == "stop" or skips > t.max_skips:
+                checkpointer.wait()  # an async save in flight holds an earlier, finite state: let it commit
                 raise NonFiniteError(
                     f"non-finite loss {loss_value} or grad norm {norm.item()} at step {step + 1}; "
                     f"stopping without saving (last checkpoint is intact)"
@@ -191,9 +196,13 @@ def train(cfg: Config, dist_info: DistInfo) -> dict[str, Any]:
                 "data": loader.state_dict(),
                 "world_size": dist_info.world_size,
                 "model": cfg.model.name,
+                "model_config": dict(vars(model.cfg)),
                 "optim": cfg.optim.name,
+                "config": cfg.to_dict(),
+                "rng": rng_states(device),
             }
-            path = checkpointer.save(step, engine, trainer_state)
-            log.info(f"saved checkpoint {path}")
+            path = checkpointer.save(step, engine.checkpoint_state(), trainer_state)
+            log.info(f"{'writing' if ckpt.async_save else 'saved'} checkpoint {path}")
+    checkpointer.wait()
     log.close()
     return {"step": step, "loss": last_loss, "run_dir": str(run_dir)}

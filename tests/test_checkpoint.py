@@ -1,0 +1,213 @@
+"""Checkpoints in one process: atomic commit, keep_last, exact round trip of every optimizer, one-line errors,
+async snapshots and RNG state. (Multi-process resume and resharding: test_checkpoint_resume.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import trainer.checkpoint as ckpt
+from models import Llama, model_config
+from optim import build_optimizer
+from trainer.checkpoint import (
+    CheckpointError,
+    Checkpointer,
+    latest_checkpoint,
+    list_checkpoints,
+    restore_rng,
+    rng_states,
+)
+from trainer.config import OptimConfig
+from trainer.engine import FSDP2Engine
+
+OPTIMIZERS = ["adamw", "swan", "sinkgd", "normuon", "auon", "hybrid_auon", "muon"]
+
+
+def _engine(optim: str = "adamw", vocab: int = 64) -> FSDP2Engine:
+    torch.manual_seed(0)
+    model = Llama(model_config("llama_tiny", vocab_size=vocab, max_seq_len=16))
+    return FSDP2Engine(model, build_optimizer(OptimConfig(name=optim, lr=1e-2), model))
+
+
+def _train(engine: FSDP2Engine, steps: int, seed: int) -> float:
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        batch = torch.randint(0, 64, (4, 17), generator=gen)
+        loss = engine.forward_backward(list(batch.split(2)))
+        engine.step(engine.grad_norm(), max_norm=1.0)
+    return loss.item()
+
+
+def _params(engine: FSDP2Engine) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in engine.model.named_parameters()}
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under root with its size and mtime: 'nothing was deleted or changed'."""
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()
+    }
+
+
+def _save(directory: Path, engine: FSDP2Engine, step: int, keep_last: int = 0, **kw) -> Path:
+    return Checkpointer(directory, keep_last, True, **kw).save(
+        step, engine.checkpoint_state(), {"step": step, "optim": "adamw"}
+    )
+
+
+def test_commit_is_a_rename_and_keep_last_prunes_only_after_the_newer_one_is_complete(tmp_path, monkeypatch):
+    engine = _engine()
+    seen_while_writing = []
+    real_save = ckpt.dcp.save
+
+    def recording_save(*args, **kwargs):
+        seen_while_writing.append(sorted(p.name for p in tmp_path.iterdir()))
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt.dcp, "save", recording_save)
+    checkpointer = Checkpointer(tmp_path, keep_last=2, is_main=True)
+    for step in (1, 2, 3):
+        checkpointer.save(step, engine.checkpoint_state(), {"step": step})
+    # While step 3 was being written, steps 1 and 2 were both still there; step 1 went only after step 3's rename.
+    assert seen_while_writing[-1] == ["step_000001", "step_000002", "step_000003.partial"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000002", "step_000003"]
+    assert sorted(os.listdir(tmp_path / "step_000003")) == [".metadata", "__0_0.distcp", "trainer_state.json"]
+    assert json.loads((tmp_path / "step_000003" / "trainer_state.json").read_text()) == {"step": 3}
+
+    # Leftovers of a crash (a partial save, a half-removed old one) are never listed, and the next save clears them.
+    (tmp_path / "step_000004.partial").mkdir()
+    (tmp_path / "step_000004.partial" / "__0_0.distcp").write_bytes(b"x")
+    (tmp_path / "step_000001.old").mkdir()
+    (tmp_path / "step_000009").mkdir()  # no metadata, no trainer state: not a checkpoint (and not ours to delete)
+    assert latest_checkpoint(tmp_path) == tmp_path / "step_000003"
+    checkpointer.save(5, engine.checkpoint_state(), {"step": 5})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000003", "step_000005", "step_000009"]
+
+
+def test_saving_the_same_step_again_replaces_it(tmp_path):
+    engine = _engine()
+    _save(tmp_path, engine, 4)
+    _train(engine, 1, seed=1)
+    _save(tmp_path, engine, 4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000004"]
+
+
+@pytest.mark.parametrize("optim", OPTIMIZERS)
+def test_round_trip_continues_bit_for_bit(tmp_path, optim):
+    """Model + optimizer state (momentum, NorMuon's row second moment, AdamW moments and step counts) survive."""
+    engine = _engine(optim)
+    _train(engine, 3, seed=1)
+    path = _save(tmp_path, engine, 3)
+    lr_after_save = [g["lr"] for g in engine.optimizer.param_groups]
+    expected_loss = _train(engine, 2, seed=2)
+    expected = _params(engine)
+
+    fresh = _engine(optim)
+    fresh.optimizer.param_groups[0]["lr"] = 123.0  # the checkpoint's hyperparameters replace the fresh ones
+    Checkpointer(tmp_path, 0, True).load(path, fresh.checkpoint_state())
+    assert [g["lr"] for g in fresh.optimizer.param_groups] == lr_after_save
+    assert _train(fresh, 2, seed=2) == expected_loss
+    got = _params(fresh)
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name
+
+
+def test_loading_into_a_fresh_stateless_optimizer_leaves_the_model_untouched(tmp_path):
+    """DCP initialises empty optimizer state with a zero-lr step on zero grads; SWAN's whitening of a zero matrix
+    must not turn the weights (or the grads the next step accumulates into) into NaN."""
+    engine = _engine("swan")
+    _train(engine, 2, seed=1)
+    path = _save(tmp_path, engine, 2)
+    fresh = _engine("swan")
+    Checkpointer(tmp_path, 0, True).load(path, fresh.checkpoint_state())
+    assert all(p.grad is None for p in fresh.model.parameters())
+    for name, value in _params(fresh).items():
+        assert torch.equal(value, _params(engine)[name]), name
+
+
+@pytest.fixture
+def saved(tmp_path) -> Path:
+    engine = _engine()
+    _train(engine, 1, seed=1)
+    return _save(tmp_path / "checkpoints", engine, 1)
+
+
+@pytest.mark.parametrize(
+    "damage, engine_kwargs, expect, message",
+    [
+        (lambda p: (p / "__0_0.distcp").unlink(), {}, None, "missing shard file __0_0.distcp"),
+        (lambda p: os.truncate(p / "__0_0.distcp", 100), {}, None, "shard file __0_0.distcp is truncated"),
+        (lambda p: (p / ".metadata").write_bytes(b"garbage"), {}, None, "unreadable .metadata"),
+        (lambda p: (p / "trainer_state.json").write_text("{"), {}, None, "unreadable trainer_state.json"),
+        (lambda p: (p / "trainer_state.json").unlink(), {}, None, "not a complete checkpoint"),
+        (
+            lambda p: None,
+            {"vocab": 96},
+            None,
+            "size mismatch for model.tok_embeddings.weight: saved [64, 64] vs this run's [96, 64]",
+        ),
+        (lambda p: None, {"optim": "normuon"}, None, "has no optim.state.layers.0.attention.wq.weight.momentum"),
+        (lambda p: None, {}, {"optim": "muon"}, "saved with optim 'adamw', this run has 'muon'"),
+    ],
+    ids=["missing-shard", "truncated-shard", "bad-metadata", "bad-state", "no-state", "shape", "keys", "optim"],
+)
+def test_a_damaged_or_incompatible_checkpoint_is_one_line_and_deletes_nothing(
+    saved, damage, engine_kwargs, expect, message
+):
+    damage(saved)
+    before = _snapshot(saved.parent)
+    engine = _engine(**engine_kwargs)
+    weights = _params(engine)
+    with pytest.raises(CheckpointError) as err:
+        Checkpointer(saved.parent, 1, True).load(saved, engine.checkpoint_state(), expect=expect)
+    text = str(err.value)
+    assert message in text and text.startswith(str(saved)), text
+    assert "\n" not in text and "Traceback" not in text
+    assert _snapshot(saved.parent) == before
+    for name, value in _params(engine).items():  # the checks run before any tensor is touched
+        assert torch.equal(value, weights[name]), name
+
+
+def test_async_save_snapshots_the_state_and_commits_when_the_write_is_done(tmp_path, monkeypatch):
+    engine = _engine()
+    _train(engine, 1, seed=1)
+    weight = engine.model.output.weight
+    at_save = weight.detach().clone()
+
+    class SlowWriter(ckpt.FileSystemWriter):
+        def write_data(self, plan, planner):
+            time.sleep(0.5)
+            return super().write_data(plan, planner)
+
+    monkeypatch.setattr(ckpt, "FileSystemWriter", SlowWriter)
+    checkpointer = Checkpointer(tmp_path, 0, True, async_save=True)
+    path = checkpointer.save(1, engine.checkpoint_state(), {"step": 1})
+    with torch.no_grad():
+        weight.add_(1.0)  # training goes on while the checkpoint is written
+    assert not path.exists() and path.with_name(path.name + ".partial").is_dir()
+    checkpointer.wait()
+    assert latest_checkpoint(tmp_path) == path
+    fresh = _engine()
+    checkpointer.load(path, fresh.checkpoint_state())
+    assert torch.equal(fresh.model.output.weight, at_save)
+
+
+def test_rng_state_is_restored_at_the_same_world_size_and_reseeded_at_another():
+    torch.manual_seed(7)
+    torch.rand(3)
+    saved = {"step": 10, "world_size": 1, "rng": rng_states(torch.device("cpu"))}
+    expected = torch.rand(5)
+    torch.manual_seed(0)
+    restore_rng(saved, rank=0, world_size=1, seed=0, device=torch.device("cpu"))
+    assert torch.equal(torch.rand(5), expected)
+
+    draws = []
+    for rank in (0, 1, 0):
+        restore_rng(saved, rank=rank, world_size=2, seed=0, device=torch.device("cpu"))
+        draws.append(torch.rand(5))
+    assert torch.equal(draws[0], draws[2]) and not torch.equal(draws[0], draws[1])
