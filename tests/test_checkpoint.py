@@ -15,8 +15,8 @@ import trainer.checkpoint as ckpt
 from models import Llama, model_config
 from optim import build_optimizer
 from trainer.checkpoint import (
-    CheckpointError,
     Checkpointer,
+    CheckpointError,
     latest_checkpoint,
     list_checkpoints,
     restore_rng,
@@ -50,7 +50,9 @@ def _params(engine: FSDP2Engine) -> dict[str, torch.Tensor]:
 def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
     """Every file under root with its size and mtime: 'nothing was deleted or changed'."""
     return {
-        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in root.rglob("*")
+        if p.is_file()
     }
 
 
@@ -83,7 +85,9 @@ def test_commit_is_a_rename_and_keep_last_prunes_only_after_the_newer_one_is_com
     (tmp_path / "step_000004.partial").mkdir()
     (tmp_path / "step_000004.partial" / "__0_0.distcp").write_bytes(b"x")
     (tmp_path / "step_000001.old").mkdir()
-    (tmp_path / "step_000009").mkdir()  # no metadata, no trainer state: not a checkpoint (and not ours to delete)
+    (
+        tmp_path / "step_000009"
+    ).mkdir()  # no metadata, no trainer state: not a checkpoint (and not ours to delete)
     assert latest_checkpoint(tmp_path) == tmp_path / "step_000003"
     checkpointer.save(5, engine.checkpoint_state(), {"step": 5})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000003", "step_000005", "step_000009"]
@@ -151,10 +155,24 @@ def saved(tmp_path) -> Path:
             None,
             "size mismatch for model.tok_embeddings.weight: saved [64, 64] vs this run's [96, 64]",
         ),
-        (lambda p: None, {"optim": "normuon"}, None, "has no optim.state.layers.0.attention.wq.weight.momentum"),
+        (
+            lambda p: None,
+            {"optim": "normuon"},
+            None,
+            "has no optim.state.layers.0.attention.wq.weight.momentum",
+        ),
         (lambda p: None, {}, {"optim": "muon"}, "saved with optim 'adamw', this run has 'muon'"),
     ],
-    ids=["missing-shard", "truncated-shard", "bad-metadata", "bad-state", "no-state", "shape", "keys", "optim"],
+    ids=[
+        "missing-shard",
+        "truncated-shard",
+        "bad-metadata",
+        "bad-state",
+        "no-state",
+        "shape",
+        "keys",
+        "optim",
+    ],
 )
 def test_a_damaged_or_incompatible_checkpoint_is_one_line_and_deletes_nothing(
     saved, damage, engine_kwargs, expect, message
