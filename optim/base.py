@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.optim.adamw import adamw as functional_adamw
 
-from optim.health import StepHealth, single_group, summarize
+from optim.health import StepHealth, shard_groups, summarize
 from optim.newton_schulz import orthogonality_error
 from optim.sharded import ShardInfo, local, shard_info
 
@@ -218,7 +218,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
 
     def _start_health(self, slots: list[MatrixSlot]) -> StepHealth:
         sums = torch.zeros(3, dtype=torch.float32, device=slots[0].weight.device)
-        return StepHealth(sums, sum(s.rows * s.cols for s in slots), single_group([s.param for s in slots]))
+        numel = sum(s.rows * s.cols for s in slots)
+        return StepHealth(sums, numel, *shard_groups([s.param for s in slots]))
 
     def health(self) -> dict[str, float]:
         """Update statistics of the last step taken with track_health=True ({} if the last step was not).

@@ -19,11 +19,13 @@ from optim.sharded import all_reduce_sum, local, shard_info
 
 @dataclass
 class StepHealth:
-    """Local sums of one step: [|update|^2, |W|^2, orth_error] (orth_error set on one rank of the group)."""
+    """Local sums of one step: [|update|^2, |W|^2, orth_error] (orth_error set on one rank of the job: the
+    owner of the probed matrix, see optim.sharded.apply_to_whole_matrices)."""
 
     sums: Tensor
     numel: int  # global element count of the matrices summed
     group: dist.ProcessGroup | None  # their shard group
+    replicate_group: dist.ProcessGroup | None  # HSDP: their replicas (the orth_error may sit in another one)
 
     def record_orthogonality(self, value: Tensor) -> None:
         self.sums[2] = value
@@ -31,7 +33,10 @@ class StepHealth:
 
 def summarize(health: StepHealth, orthogonality: bool) -> dict[str, float]:
     """Reduce the local sums over the shard group (a collective) and turn them into the reported numbers."""
-    update_sq, weight_sq, orth = all_reduce_sum(health.sums.clone(), health.group).tolist()
+    sums = all_reduce_sum(health.sums.clone(), health.group)
+    if orthogonality:  # recorded by one rank of the job: also sum over the replicas
+        sums[2:] = all_reduce_sum(sums[2:].clone(), health.replicate_group)
+    update_sq, weight_sq, orth = sums.tolist()
     out = {
         "update_rms": math.sqrt(update_sq / max(health.numel, 1)),
         "update_weight_ratio": math.sqrt(update_sq / weight_sq) if weight_sq > 0 else 0.0,
@@ -41,12 +46,13 @@ def summarize(health: StepHealth, orthogonality: bool) -> dict[str, float]:
     return out
 
 
-def single_group(tensors: list[Tensor]) -> dist.ProcessGroup | None:
-    """The one shard group all `tensors` share (health sums are reduced over it), else ValueError."""
-    groups = [shard_info(t).group for t in tensors]
-    if any(g is not groups[0] for g in groups):
+def shard_groups(tensors: list[Tensor]) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]:
+    """The (shard group, replicate group) all `tensors` share (health sums are reduced over them), else
+    ValueError."""
+    groups = [(info.group, info.replicate_group) for info in map(shard_info, tensors)]
+    if any(g is not groups[0][0] or r is not groups[0][1] for g, r in groups):
         raise ValueError("health needs all parameters sharded over one process group")
-    return groups[0] if groups else None
+    return groups[0] if groups else (None, None)
 
 
 def _adamw_health(opt: torch.optim.Optimizer) -> dict[str, float]:
@@ -73,7 +79,7 @@ def _adamw_health(opt: torch.optim.Optimizer) -> dict[str, float]:
             sums[0] += update.square().sum()
             sums[1] += local(p).float().square().sum()
             numel += p.numel()
-    return summarize(StepHealth(sums, numel, single_group(params)), orthogonality=False)
+    return summarize(StepHealth(sums, numel, *shard_groups(params)), orthogonality=False)
 
 
 def health_of(opt: torch.optim.Optimizer) -> dict[str, float]:

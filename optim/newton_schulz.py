@@ -57,6 +57,18 @@ def coupled_inverse_sqrt_polar(g: Tensor, steps: int = 10, dtype: torch.dtype = 
     return (out.mT if tall else out).reshape(g.shape)
 
 
+def ns5_flops(m: int, n: int, steps: int = 1) -> float:
+    """Matmul FLOPs of `newton_schulz5` on one (m, n) matrix: steps * (4 p^2 q + 2 p^3)."""
+    p, q = min(m, n), max(m, n)
+    return steps * (4 * p * p * q + 2 * p**3)
+
+
+def coupled_flops(m: int, n: int, steps: int = 10) -> float:
+    """Matmul FLOPs of `coupled_inverse_sqrt_polar` on one (m, n) matrix: 4 p^2 q + 6 steps p^3."""
+    p, q = min(m, n), max(m, n)
+    return 4 * p * p * q + 6 * steps * p**3
+
+
 def orthogonality_error(o: Tensor) -> Tensor:
     """|O O^T - I|_F / sqrt(p) of one matrix in its wide orientation (0 for an exact polar factor), in fp32."""
     x, _ = _wide(o.float())

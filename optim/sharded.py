@@ -1,16 +1,29 @@
 """The distribution layer of the optimizers: shard bookkeeping, reductions and whole-matrix operations.
 
 Under FSDP2 a parameter, its gradient and its optimizer state are DTensors sharded by rows (Shard(0) on one
-mesh dim; with HSDP other mesh dims are Replicate). Plain tensors (one process, DDP, ZeRO-0) go through the
+mesh dim; with HSDP another mesh dim is Replicate). Plain tensors (one process, DDP, ZeRO-0) go through the
 same functions with `group=None`, where every collective is the identity. The optimizer math only ever sees
 local row blocks (`local`), plus:
 - `all_reduce_sum` / `all_reduce_sums` for the small reductions (column sums of squares, scalar norms);
 - `apply_to_whole_matrices` for the operations that need a whole matrix (Newton-Schulz, SWAN whitening).
 
-`apply_to_whole_matrices` is implemented here by all-gathering the row blocks (every rank computes every
-matrix). Its interface is what an owner-computes version (one all-to-all of row shards to each matrix's owner,
-compute once, a second all-to-all back) needs, so that version can replace its inside without touching the
-optimizers.
+`apply_to_whole_matrices` is owner-computes: every matrix is computed exactly once in the whole job.
+- Owners: the job's ranks are `replicas x world` slots (HSDP: replicas x shard group; FSDP: 1 x world).
+  `assign_owners` gives each whole matrix one slot, balancing the cost (Newton-Schulz FLOPs by default):
+  most expensive first, same-shape matrices together, each to the least-loaded slot, which for a group of
+  equal shapes is a round-robin. Every rank computes the same plan from the shapes alone (no communication).
+- Within a shard group: one all-to-all brings each row shard to the owner of its matrix, the owner assembles
+  and computes the whole matrix (same shapes batched), and a second all-to-all returns row shards of the
+  result. Row blocks travel at their exact sizes (all_to_all_single with uneven splits), so row counts the
+  world size does not divide, ranks holding no rows and matrix counts that are not a multiple of the world
+  size need no padding and cost no extra bytes.
+- HSDP: the replicas hold identical row shards, so each replica's shard group computes only the matrices
+  owned by its slots (a disjoint 1/replicas of them), then one all-gather over the replicate group (padded to
+  the largest replica's share) gives every replica the rows of the others' results. All collectives run on
+  the mesh dims' own groups (no flattened group is needed); with more than one Replicate dim the work is
+  split over the first and repeated over the others.
+- Row shards travel as `comm_dtype` both ways (the optimizers default it to their ns_dtype, so bf16 for NS5);
+  the owner's own rows take the same cast, so a result never depends on which rank owned its matrix.
 """
 
 from __future__ import annotations
@@ -23,15 +36,21 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
+from optim.newton_schulz import ns5_flops
+
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """Where this rank's row block sits in the global matrix (FSDP2 uses torch.chunk semantics by rows)."""
+    """Where this rank's row block sits in the global matrix (FSDP2 uses torch.chunk semantics by rows), and
+    which group of identical replicas (HSDP) shares the whole-matrix work."""
 
     shape: torch.Size  # global shape
     group: dist.ProcessGroup | None  # the group of the mesh dim that carries Shard(0); None: nothing sharded
     rank: int  # this rank's index in `group` (0 when None)
     world: int  # size of `group` (1 when None)
+    replicate_group: dist.ProcessGroup | None = None  # a Replicate mesh dim of size > 1 (HSDP's replicas)
+    replica: int = 0  # this rank's index in `replicate_group`
+    replicas: int = 1  # size of `replicate_group` (1 when None)
 
     @property
     def chunk(self) -> int:
@@ -42,13 +61,23 @@ class ShardInfo:
         """Rows held by `rank` (the last ranks may hold fewer, or none)."""
         return max(0, min(self.chunk, self.shape[0] - rank * self.chunk))
 
-    @property
-    def row_offset(self) -> int:
-        return min(self.rank * self.chunk, self.shape[0])
+    def row_slice(self, rank: int) -> slice:
+        start = min(rank * self.chunk, self.shape[0])
+        return slice(start, start + self.rows_of(rank))
 
     @property
     def local_rows(self) -> int:
         return self.rows_of(self.rank)
+
+    @property
+    def slots(self) -> int:
+        """Ranks that share the whole-matrix work: replicas x shard group."""
+        return self.replicas * self.world
+
+    @property
+    def slot(self) -> int:
+        """This rank's owner slot: replica-major, so slot // world is the replica and slot % world the rank."""
+        return self.replica * self.world + self.rank
 
 
 def local(t: Tensor) -> Tensor:
@@ -60,18 +89,29 @@ def shard_info(t: Tensor) -> ShardInfo:
     """Shard bookkeeping of a parameter (or of its gradient / state: they share placements)."""
     if not isinstance(t, DTensor):
         return ShardInfo(t.shape, None, 0, 1)
-    sharded = [i for i, placement in enumerate(t.placements) if not placement.is_replicate()]
-    if not sharded:
-        return ShardInfo(t.shape, None, 0, 1)
-    if len(sharded) > 1 or not t.placements[sharded[0]].is_shard(dim=0):
+    mesh, placements = t.device_mesh, t.placements
+    sharded = [i for i, placement in enumerate(placements) if not placement.is_replicate()]
+    if len(sharded) > 1 or sharded and not placements[sharded[0]].is_shard(dim=0):
         raise NotImplementedError(
             f"the optimizers support row sharding only (Shard(0) on one mesh dim, Replicate elsewhere); "
-            f"got placements {t.placements}"
+            f"got placements {placements}"
         )
-    mesh_dim = sharded[0]
-    group = t.device_mesh.get_group(mesh_dim)
-    info = ShardInfo(t.shape, group, t.device_mesh.get_local_rank(mesh_dim), t.device_mesh.size(mesh_dim))
-    if dist.get_rank(group) != info.rank or t.to_local().shape[0] != info.local_rows:
+    replicated = [
+        i for i, placement in enumerate(placements) if placement.is_replicate() and mesh.size(i) > 1
+    ]
+    replicas = {}
+    if replicated:
+        dim = replicated[0]
+        replicas = {
+            "replicate_group": mesh.get_group(dim),
+            "replica": mesh.get_local_rank(dim),
+            "replicas": mesh.size(dim),
+        }
+    if not sharded:
+        return ShardInfo(t.shape, None, 0, 1, **replicas)
+    dim = sharded[0]
+    info = ShardInfo(t.shape, mesh.get_group(dim), mesh.get_local_rank(dim), mesh.size(dim), **replicas)
+    if dist.get_rank(info.group) != info.rank or t.to_local().shape[0] != info.local_rows:
         raise NotImplementedError(
             f"unexpected row sharding: local rows {t.to_local().shape[0]} at mesh coordinate {info.rank}, "
             f"expected {info.local_rows} (torch.chunk semantics, group ranks in mesh order)"
@@ -97,22 +137,23 @@ def all_reduce_sum(t: Tensor, group: dist.ProcessGroup | None) -> Tensor:
     return t
 
 
-def _by_group(infos: Sequence[ShardInfo]) -> list[tuple[dist.ProcessGroup | None, list[int]]]:
-    """Indices of `infos` bucketed by process group (by identity), in first-seen order."""
-    buckets: list[tuple[dist.ProcessGroup | None, list[int]]] = []
+def _by_group(infos: Sequence[ShardInfo]) -> list[list[int]]:
+    """Indices of `infos` bucketed by (shard group, replicate group) identity, in first-seen order."""
+    buckets: list[tuple[ShardInfo, list[int]]] = []
     for i, info in enumerate(infos):
-        for group, idx in buckets:
-            if group is info.group:
+        for first, idx in buckets:
+            if first.group is info.group and first.replicate_group is info.replicate_group:
                 idx.append(i)
                 break
         else:
-            buckets.append((info.group, [i]))
-    return buckets
+            buckets.append((info, [i]))
+    return [idx for _, idx in buckets]
 
 
 def all_reduce_sums(tensors: Sequence[Tensor], infos: Sequence[ShardInfo]) -> None:
     """Sum each tensor in place over its matrix's shard group, with one collective per distinct group."""
-    for group, idx in _by_group(infos):
+    for idx in _by_group(infos):
+        group = infos[idx[0]].group
         if group is None:
             continue
         flat = all_reduce_sum(torch.cat([tensors[i].reshape(-1) for i in idx]), group)
@@ -120,27 +161,118 @@ def all_reduce_sums(tensors: Sequence[Tensor], infos: Sequence[ShardInfo]) -> No
             tensors[i].copy_(piece.view_as(tensors[i]))
 
 
-def _gather_rows(blocks: Sequence[Tensor], infos: Sequence[ShardInfo], idx: list[int], group, dtype) -> None:
-    """Replace blocks[i] (i in idx) by the whole matrix: one all-gather of all of them, padded to `chunk` rows."""
-    world = infos[idx[0]].world
-    padded = []
-    for i in idx:
-        info, block = infos[i], blocks[i]
-        buf = torch.zeros(info.chunk, info.shape[1], dtype=dtype, device=block.device)
-        buf[: block.shape[0]] = block
-        padded.append(buf.reshape(-1))
-    send = torch.cat(padded)
-    received = [torch.empty_like(send) for _ in range(world)]
-    dist.all_gather(received, send, group=group)
-    offset = 0
-    for i in idx:
-        info = infos[i]
-        size = info.chunk * info.shape[1]
-        pieces = [
-            received[r][offset : offset + size].view(info.chunk, -1)[: info.rows_of(r)] for r in range(world)
+def assign_owners(
+    shapes: Sequence[tuple[int, int]], slots: int, cost: Callable[[int, int], float] = ns5_flops
+) -> list[int]:
+    """The owner slot (0 .. slots-1) of each matrix, balancing the summed cost(m, n) per slot.
+
+    Greedy longest-first: matrices by decreasing cost, same shapes together, then by index; each goes to the
+    least-loaded slot (lowest index on ties). A group of equal shapes is thus dealt round-robin. Deterministic,
+    so every rank computes the same plan.
+    """
+    loads = [0.0] * slots
+    owners = [0] * len(shapes)
+    for i in sorted(range(len(shapes)), key=lambda i: (-cost(*shapes[i]), tuple(shapes[i]), i)):
+        slot = min(range(slots), key=lambda s: (loads[s], s))
+        owners[i] = slot
+        loads[slot] += cost(*shapes[i])
+    return owners
+
+
+def _flat(pieces: Sequence[Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The pieces flattened into one `dtype` buffer (empty for no pieces)."""
+    if not pieces:
+        return torch.empty(0, dtype=dtype, device=device)
+    return torch.cat([piece.reshape(-1).to(dtype) for piece in pieces])
+
+
+def _all_to_all(chunks: list[Tensor], recv_sizes: list[int], group: dist.ProcessGroup | None) -> list[Tensor]:
+    """Send chunks[d] to rank d of `group`; receive recv_sizes[r] elements from each rank r (uneven is fine).
+    group None: a shard group of one (HSDP replicas of unsharded matrices), the chunk stays here."""
+    if group is None:
+        return chunks
+    send = torch.cat(chunks)
+    recv = send.new_empty(sum(recv_sizes))
+    dist.all_to_all_single(recv, send, recv_sizes, [c.numel() for c in chunks], group=group)
+    return list(recv.split(recv_sizes))
+
+
+def _batched(fn: Callable[[Tensor], Tensor], wholes: dict[int, Tensor]) -> dict[int, Tensor]:
+    """fn applied to the whole matrices, one call per distinct shape (stacked)."""
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, whole in wholes.items():
+        by_shape.setdefault(tuple(whole.shape), []).append(i)
+    out: dict[int, Tensor] = {}
+    for idx in by_shape.values():
+        out.update(zip(idx, fn(torch.stack([wholes[i] for i in idx])).unbind(), strict=True))
+    return out
+
+
+class _Exchange:
+    """The owner-computes plan of one bucket of matrices (same shard and replicate groups) on this rank."""
+
+    def __init__(self, infos: Sequence[ShardInfo], idx: list[int], cost: Callable[[int, int], float]) -> None:
+        self.infos, self.me = infos, infos[idx[0]]
+        owners = assign_owners([infos[i].shape for i in idx], self.me.slots, cost)
+        world = self.me.world
+        # by_slot[replica][rank]: the matrices that slot owns, in list order
+        self.by_slot: list[list[list[int]]] = [[[] for _ in range(world)] for _ in range(self.me.replicas)]
+        for i, owner in zip(idx, owners, strict=True):
+            self.by_slot[owner // world][owner % world].append(i)
+        self.here = self.by_slot[self.me.replica]  # this replica's matrices, by owner rank
+
+    def _size(self, i: int, rank: int) -> int:
+        """Elements of matrix i's row block on `rank` of the shard group."""
+        return self.infos[i].rows_of(rank) * self.infos[i].shape[1]
+
+    def to_owners(
+        self, blocks: Sequence[Tensor], dtype: torch.dtype, device: torch.device
+    ) -> dict[int, Tensor]:
+        """All-to-all 1: the whole matrices this rank owns, assembled from every rank's row block."""
+        me, mine = self.me, self.here[self.me.rank]
+        chunks = [_flat([blocks[i] for i in owned], dtype, device) for owned in self.here]
+        sizes = [sum(self._size(i, src) for i in mine) for src in range(me.world)]
+        received = [
+            piece.split([self._size(i, src) for i in mine])
+            for src, piece in enumerate(_all_to_all(chunks, sizes, me.group))
         ]
-        blocks[i] = torch.cat(pieces)
-        offset += size
+        return {
+            i: torch.cat([received[src][k].view(-1, self.infos[i].shape[1]) for src in range(me.world)])
+            for k, i in enumerate(mine)
+        }
+
+    def to_rows(
+        self, results: dict[int, Tensor], dtype: torch.dtype, device: torch.device
+    ) -> dict[int, Tensor]:
+        """All-to-all 2: this rank's row block of the result of every matrix this replica computed."""
+        me, mine = self.me, self.here[self.me.rank]
+        chunks = [
+            _flat([results[i][self.infos[i].row_slice(dst)] for i in mine], dtype, device)
+            for dst in range(me.world)
+        ]
+        sizes = [sum(self._size(i, me.rank) for i in owned) for owned in self.here]
+        rows: dict[int, Tensor] = {}
+        for owned, piece in zip(self.here, _all_to_all(chunks, sizes, me.group), strict=True):
+            rows.update(self._parse(owned, piece))
+        return rows
+
+    def across_replicas(self, rows: dict[int, Tensor], dtype: torch.dtype, device: torch.device) -> None:
+        """HSDP: all-gather over the replicate group adds the rows of the other replicas' results to `rows`."""
+        me = self.me
+        shares = [[i for owned in replica for i in owned] for replica in self.by_slot]
+        sizes = [sum(self._size(i, me.rank) for i in share) for share in shares]
+        send = torch.zeros(max(sizes), dtype=dtype, device=device)
+        send[: sizes[me.replica]] = _flat([rows[i] for i in shares[me.replica]], dtype, device)
+        received = [torch.empty_like(send) for _ in shares]
+        dist.all_gather(received, send, group=me.replicate_group)
+        for replica, (share, piece) in enumerate(zip(shares, received, strict=True)):
+            if replica != me.replica:
+                rows.update(self._parse(share, piece[: sizes[replica]]))
+
+    def _parse(self, matrices: list[int], buffer: Tensor) -> dict[int, Tensor]:
+        """This rank's row blocks of `matrices`, laid out one after the other in `buffer`."""
+        pieces = buffer.split([self._size(i, self.me.rank) for i in matrices])
+        return {i: p.view(-1, self.infos[i].shape[1]) for i, p in zip(matrices, pieces, strict=True)}
 
 
 def apply_to_whole_matrices(
@@ -150,31 +282,36 @@ def apply_to_whole_matrices(
     *,
     comm_dtype: torch.dtype | None = None,
     probe: Callable[[Tensor], None] | None = None,
+    cost: Callable[[int, int], float] = ns5_flops,
 ) -> list[Tensor]:
     """Apply a whole-matrix function to sharded matrices and return this rank's rows of each result.
 
+    Each matrix is computed once in the job, by its owner (see the module docstring).
     fn: maps a batch (B, m, n) of whole matrices to results of the same shape (batched over same shapes).
     blocks: this rank's row blocks (not modified); infos: their `shard_info`.
-    comm_dtype: dtype of row blocks on the wire (None: the blocks' own dtype).
-    probe: called with the first matrix's whole result on exactly one rank of its shard group (the one that
-        computed it), e.g. to measure its orthogonality; other ranks must contribute zero to any sum of it.
+    comm_dtype: dtype of row blocks on the wire, both ways (None: the blocks' own dtype).
+    probe: called with the first matrix's whole result on exactly one rank of the job (its owner), e.g. to
+        measure its orthogonality; every other rank must contribute zero to any sum of it.
+    cost: the per-matrix cost (m, n) the owners are balanced on; NS5's FLOPs by default.
     Results come back in the dtype of the corresponding block.
     """
-    wholes = list(blocks)
-    for group, idx in _by_group(infos):
-        if group is not None:
-            _gather_rows(wholes, infos, idx, group, comm_dtype or blocks[idx[0]].dtype)
-    by_shape: dict[tuple[int, ...], list[int]] = {}
-    for i, whole in enumerate(wholes):
-        by_shape.setdefault(tuple(whole.shape), []).append(i)
-    results: list[Tensor] = list(wholes)
-    for idx in by_shape.values():
-        out = fn(torch.stack([wholes[i] for i in idx]))
-        for k, i in enumerate(idx):
-            results[i] = out[k]
-    if probe is not None and results and infos[0].rank == 0:
-        probe(results[0])
-    return [
-        results[i][info.row_offset : info.row_offset + info.local_rows].to(blocks[i].dtype)
-        for i, info in enumerate(infos)
-    ]
+    rows: dict[int, Tensor] = {}
+    computed: dict[int, Tensor] = {}
+    for idx in _by_group(infos):
+        me = infos[idx[0]]
+        if me.slots == 1:  # nothing to share: compute in place, no wire and no cast
+            results = _batched(fn, {i: blocks[i] for i in idx})
+            rows.update(results)
+            computed.update(results)
+            continue
+        dtype = comm_dtype or blocks[idx[0]].dtype
+        device = blocks[idx[0]].device
+        plan = _Exchange(infos, idx, cost)
+        results = _batched(fn, plan.to_owners(blocks, dtype, device))
+        computed.update(results)
+        rows.update(plan.to_rows(results, dtype, device))
+        if me.replicas > 1:
+            plan.across_replicas(rows, dtype, device)
+    if probe is not None and 0 in computed:
+        probe(computed[0])
+    return [rows[i].to(block.dtype) for i, block in enumerate(blocks)]

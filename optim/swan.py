@@ -9,7 +9,7 @@ from functools import partial
 import torch
 
 from optim.base import MatrixOptimizer, MatrixSlot, check_choice, resolve_dtype
-from optim.newton_schulz import coupled_inverse_sqrt_polar, newton_schulz5
+from optim.newton_schulz import coupled_flops, coupled_inverse_sqrt_polar, newton_schulz5, ns5_flops
 from optim.sharded import apply_to_whole_matrices
 
 WHITENINGS = ("coupled", "ns5")
@@ -61,13 +61,15 @@ class SWAN(MatrixOptimizer):
             # population std, written out: torch.std warns on a rank's empty (0-row) block
             std = centered.square().mean(dim=1, keepdim=True).sqrt()
             normalized.append(centered / (std + slot.group["eps"]))
-        whiten = coupled_inverse_sqrt_polar if self.whitening == "coupled" else newton_schulz5
+        coupled = self.whitening == "coupled"
+        whiten = coupled_inverse_sqrt_polar if coupled else newton_schulz5
         whitened = apply_to_whole_matrices(
             partial(whiten, steps=self.ns_steps, dtype=self.ns_dtype),
             normalized,
             [s.info for s in slots],
             comm_dtype=self.comm_dtype,
             probe=self._orth_probe(),
+            cost=partial(coupled_flops if coupled else ns5_flops, steps=self.ns_steps),
         )
         for slot, d in zip(slots, whitened, strict=True):
             self._apply_update(slot, d, math.sqrt(max(slot.rows, slot.cols)))

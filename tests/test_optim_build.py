@@ -101,7 +101,9 @@ def test_build_passes_rule_options():
     model = Llama(TINY)
     opt = build_optimizer(OptimConfig(name="muon", ns_steps=3, ns_dtype="float32", nesterov=False), model)
     assert (opt.ns_steps, opt.ns_dtype, opt.param_groups[0]["nesterov"]) == (3, torch.float32, False)
-    assert opt.comm_dtype == torch.bfloat16  # the config's comm_dtype
+    assert opt.comm_dtype == torch.float32  # comm_dtype unset: the ns_dtype
+    cfg = OptimConfig(name="muon", ns_dtype="float32", comm_dtype="bfloat16")
+    assert build_optimizer(cfg, model).comm_dtype == torch.bfloat16
     assert build_optimizer(OptimConfig(name="sinkgd", sinkgd_iters=2), model).iters == 2
     swan = build_optimizer(OptimConfig(name="swan", whitening="ns5"), model)
     assert (swan.whitening, swan.ns_steps) == ("ns5", 5)

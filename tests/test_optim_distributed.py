@@ -1,17 +1,24 @@
-"""FSDP2 parity: every optimizer, sharded over 2 gloo processes, equals the same optimizer on plain tensors
-in one process (3 steps, ns_dtype float32, same seed and batch), to 1e-5 relative in the total update.
+"""Distributed optimizers: every optimizer, sharded by FSDP2 or HSDP over gloo processes, equals the same
+optimizer on plain tensors in one process (3 steps, ns_dtype float32, same seed and batch), to 1e-5 relative
+in the total update; each whole matrix is orthogonalized exactly once in the job; SinkGD and AuON never
+gather or exchange matrices.
 
-One spawn runs every case (spawning is the expensive part). The model is a stand-in with Llama's module names
-(so routing applies) and row counts that 2 does not divide, including 1-row matrices (rank 1 holds no rows).
-Also checked inside the spawn: state tensors are DTensors placed like their parameter; HSDP's 2-D mesh
-(Replicate, Shard(0)) works; health numbers are the unsharded ones; a DCP checkpoint saved at world size 2
-resumes at world size 1 with the identical next step.
+One spawn per world size (1, 2, 4) runs every case on every mesh layout (spawning is the expensive part):
+FSDP on a 1-D mesh, and HSDP 2 x 1, 1 x 2 and 2 x 2 (replicate x shard). The model is a stand-in with Llama's
+module names (so routing applies): 21 hidden matrices (divisible by neither 2 nor 4) with 13, 21 and 1 rows
+(divisible by neither, so some ranks hold no rows). Also checked inside the spawns: state tensors are DTensors
+placed like their parameter, health numbers are the unsharded ones, a DCP checkpoint saved at world size 2
+resumes at world size 1 with the identical next step, and apply_to_whole_matrices on hand-made process groups.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from unittest import mock
 
 import pytest
 import torch
@@ -22,11 +29,18 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
+import optim.auon
+import optim.muon
+import optim.normuon
+import optim.swan
 from optim import build_optimizer
+from optim.newton_schulz import newton_schulz5
+from optim.sharded import ShardInfo, apply_to_whole_matrices
 from tests.distributed import run_distributed
 from trainer.config import OptimConfig
 
-DIM, HIDDEN, VOCAB, BATCH, SEQ = 13, 21, 11, 4, 6
+DIM, HIDDEN, VOCAB, BATCH, SEQ, BLOCKS, STEPS = 13, 21, 11, 4, 6, 3, 3
+MATRICES = 7 * BLOCKS
 F32 = {"ns_dtype": "float32", "comm_dtype": "float32"}
 CASES = {
     "adamw": {"name": "adamw", "lr": 1e-2},
@@ -39,7 +53,18 @@ CASES = {
     "auon": {"name": "auon", "lr": 0.24},
     "hybrid_auon": {"name": "hybrid_auon", "lr": 0.24, **F32},
 }
-HSDP_CASES = ("normuon", "sinkgd", "swan")
+WHOLE_MATRIX = ("muon", "swan", "swan_ns5", "normuon", "normuon_reference_code", "hybrid_auon")
+# world size -> layout name -> (mesh shape, cases run on it); a 2-D shape is (replicate, shard).
+LAYOUTS: dict[int, dict[str, tuple[tuple[int, ...], tuple[str, ...]]]] = {
+    1: {"fsdp1": ((1,), tuple(CASES))},
+    2: {
+        "fsdp2": ((2,), tuple(CASES)),
+        "hsdp2x1": ((2, 1), tuple(CASES)),
+        "hsdp1x2": ((1, 2), ("normuon", "swan")),
+    },
+    4: {"fsdp4": ((4,), tuple(CASES)), "hsdp2x2": ((2, 2), tuple(CASES))},
+}
+ALL_LAYOUTS = {name: layout for layouts in LAYOUTS.values() for name, layout in layouts.items()}
 REL_TOL = 1e-5
 
 
@@ -66,7 +91,7 @@ class FeedForward(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.w1, self.w3 = nn.Linear(DIM, HIDDEN, bias=False), nn.Linear(DIM, HIDDEN, bias=False)
-        self.w2 = nn.Linear(HIDDEN, DIM)  # with a bias: routed to AdamW
+        self.w2 = nn.Linear(HIDDEN, DIM)  # its bias is routed to AdamW
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -87,7 +112,7 @@ class StandIn(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.tok_embeddings = nn.Embedding(VOCAB, DIM)
-        self.layers = nn.ModuleList([Block(), Block()])
+        self.layers = nn.ModuleList([Block() for _ in range(BLOCKS)])
         self.norm, self.output = Gain(), nn.Linear(DIM, VOCAB, bias=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -109,7 +134,37 @@ def _build(case: str, mesh) -> tuple[nn.Module, torch.optim.Optimizer]:
     return model, build_optimizer(OptimConfig(**CASES[case]), model)
 
 
-def _step(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+@contextmanager
+def _counting(counts: Counter) -> Iterator[None]:
+    """Count this rank's collectives (by name) and the whole matrices the optimizers' rules compute here."""
+
+    def counted(name: str, real: Callable) -> Callable:
+        def call(*args, **kwargs):
+            counts[name] += 1
+            return real(*args, **kwargs)
+
+        return call
+
+    def counted_apply(real: Callable) -> Callable:
+        def call(fn: Callable, *args, **kwargs):
+            def counted_fn(batch: torch.Tensor) -> torch.Tensor:
+                counts["matrices"] += batch.shape[0]
+                return fn(batch)
+
+            return real(counted_fn, *args, **kwargs)
+
+        return call
+
+    with ExitStack() as stack:
+        for name in ("all_gather", "all_gather_into_tensor", "all_to_all_single", "broadcast"):
+            stack.enter_context(mock.patch.object(dist, name, counted(name, getattr(dist, name))))
+        for module in (optim.muon, optim.normuon, optim.auon, optim.swan):
+            real = module.apply_to_whole_matrices
+            stack.enter_context(mock.patch.object(module, "apply_to_whole_matrices", counted_apply(real)))
+        yield
+
+
+def _step(model: nn.Module, opt: torch.optim.Optimizer, counts: Counter) -> None:
     """Every rank takes the same batch: FSDP2's gradient average (g + g) / 2 is then exactly the one-process
     gradient, so any difference comes from the optimizer's distribution layer, not from the summation order of
     the gradient (which SWAN's whitening of a rank-deficient G~ would amplify to ~1e-5 in fp32)."""
@@ -117,7 +172,8 @@ def _step(model: nn.Module, opt: torch.optim.Optimizer) -> None:
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=gen)
     logits = model(tokens[:, :-1])
     F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
-    opt.step()
+    with _counting(counts):
+        opt.step()
     opt.zero_grad(set_to_none=True)
 
 
@@ -145,41 +201,88 @@ def _state_placement_errors(opt: torch.optim.Optimizer) -> list[str]:
 
 def _train(case: str, mesh, save_dir: str | None) -> dict:
     model, opt = _build(case, mesh)
-    for step in range(3):
-        if step == 2:
+    counts: Counter = Counter()
+    for step in range(STEPS):
+        if step == STEPS - 1:
             if save_dir is not None:
                 model_sd, optim_sd = get_state_dict(model, opt)
                 dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(save_dir, case))
             opt.track_health = True
-        _step(model, opt)
+        _step(model, opt, counts)
     health = opt.health() if hasattr(opt, "health") else {}
     errors = _state_placement_errors(opt) if mesh is not None else []
-    return {"params": _full(model), "health": health, "errors": errors}
+    if dist.is_initialized():
+        matrices = torch.tensor([float(counts["matrices"])])
+        dist.all_reduce(matrices)  # over the whole job: each matrix must be computed on one rank only
+        counts["matrices"] = int(matrices.item())
+    return {"params": _full(model), "health": health, "errors": errors, "counts": dict(counts)}
 
 
-def _sharded_runs(save_dir: str) -> dict:
+def _layer_on_hand_made_groups() -> dict:
+    """apply_to_whole_matrices with ShardInfos built by hand (no DTensor, no mesh) at world size 4: shard groups
+    {0, 1} and {2, 3}, replicate groups {0, 2} and {1, 3}; results against NS5 of the whole matrix, with bf16
+    on the wire; the probe runs on exactly one rank."""
+    rank = dist.get_rank()
+    shard_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    replicate_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    replica, shard = divmod(rank, 2)
+    gen = torch.Generator().manual_seed(0)
+    wholes = [torch.randn(m, n, generator=gen) for m, n in [(5, 7), (7, 5), (1, 4), (5, 7), (3, 3)]]
+    infos = [
+        ShardInfo(w.shape, shard_groups[replica], shard, 2, replicate_groups[shard], replica, 2)
+        for w in wholes
+    ]
+    blocks = [w[info.row_slice(shard)].clone() for w, info in zip(wholes, infos, strict=True)]
+    probed = []
+    rows = apply_to_whole_matrices(
+        lambda batch: torch.stack([newton_schulz5(x, dtype=torch.float32) for x in batch]),
+        blocks,
+        infos,
+        comm_dtype=torch.bfloat16,
+        probe=probed.append,
+    )
+    expected = [newton_schulz5(w.bfloat16(), dtype=torch.float32).bfloat16().float() for w in wholes]
+    errors = [
+        (r - e[info.row_slice(shard)]).abs().max().item() if r.numel() else 0.0
+        for r, e, info in zip(rows, expected, infos, strict=True)
+    ]
+    shapes_ok = all(
+        r.shape == (info.local_rows, info.shape[1]) and r.dtype == torch.float32
+        for r, info in zip(rows, infos, strict=True)
+    )
+    probes = torch.tensor([float(len(probed))])
+    dist.all_reduce(probes)
+    return {"max_error": max(errors), "shapes_ok": shapes_ok, "probes": int(probes.item())}
+
+
+def _sharded_runs(save_dir: str | None) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
-    world = dist.get_world_size()
-    mesh = init_device_mesh("cpu", (world,))
-    out = {case: _train(case, mesh, save_dir) for case in CASES}
-    hsdp = init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard"))
-    out.update({f"hsdp_{case}": _train(case, hsdp, None) for case in HSDP_CASES})
+    out = {}
+    for layout, (shape, cases) in LAYOUTS[dist.get_world_size()].items():
+        names = ("shard",) if len(shape) == 1 else ("replicate", "shard")
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
+        keep = save_dir if layout == "fsdp2" else None
+        out.update({f"{layout}/{case}": _train(case, mesh, keep) for case in cases})
+    if dist.get_world_size() == 4:
+        out["hand_made_groups"] = _layer_on_hand_made_groups()
     return out
 
 
 @pytest.fixture(scope="module")
 def runs():
     with tempfile.TemporaryDirectory() as save_dir:
-        sharded = run_distributed(_sharded_runs, 2, save_dir)
+        sharded = {}
+        for world in LAYOUTS:
+            sharded.update(run_distributed(_sharded_runs, world, save_dir if world == 2 else None))
         resumed = {}
-        for case in CASES:  # world size 1 resumes from the world-size-2 checkpoint taken before step 3
+        for case in CASES:  # world size 1 resumes from the world-size-2 checkpoint taken before the last step
             model, opt = _build(case, None)
             model_sd, optim_sd = get_state_dict(model, opt)
             state = {"model": model_sd, "optim": optim_sd}
             dcp.load(state, checkpoint_id=os.path.join(save_dir, case))
             set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-            _step(model, opt)
+            _step(model, opt, Counter())
             resumed[case] = _full(model)
     single = {case: _train(case, None, None) for case in CASES}
     torch.manual_seed(0)
@@ -195,25 +298,53 @@ def _assert_same_update(ours: dict, ref: dict, initial: dict, label: str) -> Non
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", list(CASES))
-def test_fsdp2_equals_single_process(runs, case):
+@pytest.mark.parametrize(
+    ("layout", "case"), [(layout, case) for layout, (_, cases) in ALL_LAYOUTS.items() for case in cases]
+)
+def test_sharded_equals_single_process(runs, layout, case):
     single, sharded, _, initial = runs
-    _assert_same_update(sharded[case]["params"], single[case]["params"], initial, case)
-    assert sharded[case]["errors"] == []
+    run = sharded[f"{layout}/{case}"]
+    _assert_same_update(run["params"], single[case]["params"], initial, f"{layout} {case}")
+    assert run["errors"] == []
+    assert set(run["health"]) == set(single[case]["health"])
     for key, value in single[case]["health"].items():
-        assert sharded[case]["health"][key] == pytest.approx(value, rel=1e-4), key
+        assert run["health"][key] == pytest.approx(value, rel=1e-4), key
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", HSDP_CASES)
-def test_hsdp_mesh_equals_single_process(runs, case):
-    single, sharded, _, initial = runs
-    _assert_same_update(sharded[f"hsdp_{case}"]["params"], single[case]["params"], initial, f"hsdp {case}")
-    assert sharded[f"hsdp_{case}"]["errors"] == []
+@pytest.mark.parametrize("layout", list(ALL_LAYOUTS))
+def test_each_matrix_is_computed_once_in_the_job(runs, layout):
+    _, sharded, _, _ = runs
+    for case in ALL_LAYOUTS[layout][1]:
+        expected = STEPS * MATRICES if case in WHOLE_MATRIX else 0
+        assert sharded[f"{layout}/{case}"]["counts"].get("matrices", 0) == expected, case
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(ALL_LAYOUTS))
+def test_collectives_of_a_step(runs, layout):
+    """No optimizer all-gathers a matrix. Whole-matrix rules: two all-to-alls per step (HSDP: plus one
+    all-gather of result rows over the replicas); the others only all-reduce."""
+    (shape, cases), (_, sharded, _, _) = ALL_LAYOUTS[layout], runs
+    replicas = shape[0] if len(shape) == 2 else 1
+    for case in cases:
+        counts = sharded[f"{layout}/{case}"]["counts"]
+        whole = case in WHOLE_MATRIX and shape != (1,)
+        assert counts.get("all_to_all_single", 0) == (2 * STEPS if whole else 0), case
+        assert counts.get("all_gather", 0) == (STEPS if whole and replicas > 1 else 0), case
+        assert counts.get("all_gather_into_tensor", 0) == counts.get("broadcast", 0) == 0, case
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_dcp_checkpoint_reshards_from_two_ranks_to_one(runs, case):
     _, sharded, resumed, initial = runs
-    _assert_same_update(resumed[case], sharded[case]["params"], initial, f"resumed {case}")
+    _assert_same_update(resumed[case], sharded[f"fsdp2/{case}"]["params"], initial, f"resumed {case}")
+
+
+@pytest.mark.slow
+def test_layer_on_hand_made_groups(runs):
+    result = runs[1]["hand_made_groups"]
+    assert result["shapes_ok"]
+    assert result["max_error"] == 0.0  # bf16 on the wire both ways, fp32 math: exactly the same numbers
+    assert result["probes"] == 1
