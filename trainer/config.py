@@ -92,7 +92,7 @@ class ParallelConfig:
     mixed_precision: str = "auto"  # auto (bf16 params + fp32 reduce on GPU, fp32 on CPU) | bf16 | fp32
     activation_checkpointing: bool = False
     compile: bool = False
-    zero_stage: int = 0  # DeepSpeed ZeRO stage
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3 (engine deepspeed); matrix optimizers need 0
 
 
 @dataclass
@@ -226,6 +226,18 @@ def _set(cfg: Config, key: str, value: Any, where: str) -> None:
     setattr(section, name, _coerce(value, types_[name], key, where))
 
 
+def deepspeed_support_error(zero_stage: int, optim_name: str) -> str | None:
+    """Why DeepSpeed cannot run this optimizer at this ZeRO stage, or None: ZeRO-1/2/3 hand the optimizer flat
+    1-D partitions that cut across matrices, and a matrix rule must only ever see whole matrices."""
+    if zero_stage == 0 or optim_name == "adamw":
+        return None
+    return (
+        f"optim.name={optim_name} needs parallel.zero_stage=0 with parallel.engine=deepspeed, got {zero_stage}: "
+        f"ZeRO-1/2/3 hand the optimizer flattened partitions (deepspeed: adamw at stages 0-3, matrix optimizers "
+        f"at stage 0; fsdp2: every optimizer)"
+    )
+
+
 def _validate(cfg: Config, where: str) -> None:
     def get(key: str) -> Any:
         section, name = key.split(".")
@@ -245,6 +257,12 @@ def _validate(cfg: Config, where: str) -> None:
             raise ConfigError(f"{key}: must be in [0, 1], got {get(key)} ({where})")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr: must be > 0, got {cfg.optim.lr} ({where})")
+    stage = cfg.parallel.zero_stage
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage: must be 0, 1, 2 or 3, got {stage} ({where})")
+    unsupported = cfg.parallel.engine == "deepspeed" and deepspeed_support_error(stage, cfg.optim.name)
+    if unsupported:
+        raise ConfigError(f"{unsupported} ({where})")
     if cfg.train.global_batch_size % cfg.train.micro_batch_size:
         raise ConfigError(
             f"train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of "
