@@ -1,0 +1,74 @@
+"""The distribution layer in one process: owner assignment (the load balance) and the unsharded path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models import model_config
+from optim.newton_schulz import coupled_flops, newton_schulz5, ns5_flops
+from optim.sharded import ShardInfo, apply_to_whole_matrices, assign_owners
+
+
+def _llama_hidden_shapes(name: str) -> list[tuple[int, int]]:
+    cfg = model_config(name)
+    kv = cfg.n_kv_heads * cfg.head_dim
+    ffn = cfg.intermediate_size
+    layer = [(cfg.dim, cfg.dim), (kv, cfg.dim), (kv, cfg.dim), (cfg.dim, cfg.dim)]
+    layer += [(ffn, cfg.dim), (ffn, cfg.dim), (cfg.dim, ffn)]
+    return layer * cfg.n_layers
+
+
+def _loads(shapes: list[tuple[int, int]], owners: list[int], slots: int, cost=ns5_flops) -> list[float]:
+    loads = [0.0] * slots
+    for shape, owner in zip(shapes, owners, strict=True):
+        loads[owner] += cost(*shape)
+    return loads
+
+
+def test_flop_formulas_are_the_specs():
+    # NS5 with 5 steps: 20 p^2 q + 10 p^3; the coupled iteration: 4 p^2 q + 6 steps p^3 (p = min, q = max).
+    assert ns5_flops(3, 7, steps=5) == ns5_flops(7, 3, steps=5) == 20 * 9 * 7 + 10 * 27
+    assert coupled_flops(7, 3, steps=10) == 4 * 9 * 7 + 60 * 27
+
+
+@pytest.mark.parametrize("slots", [1, 2, 3, 4, 6, 8])
+@pytest.mark.parametrize("model", ["llama_60m", "llama_350m"])
+def test_owner_flops_are_within_ten_percent_of_an_even_split(model, slots):
+    shapes = _llama_hidden_shapes(model)
+    for cost in (ns5_flops, coupled_flops):
+        loads = _loads(shapes, assign_owners(shapes, slots, cost), slots, cost)
+        even = sum(loads) / slots
+        assert max(loads) <= 1.1 * even and min(loads) >= 0.9 * even, (cost.__name__, loads)
+
+
+def test_llama_350m_splits_exactly_over_powers_of_two():
+    shapes = _llama_hidden_shapes("llama_350m")  # 96 square and 72 rectangular matrices of equal cost
+    for slots in (2, 4, 8):
+        loads = _loads(shapes, assign_owners(shapes, slots), slots)
+        assert max(loads) == min(loads)
+
+
+def test_same_shapes_are_dealt_round_robin_most_expensive_first():
+    assert assign_owners([(4, 4)] * 6, 4) == [0, 1, 2, 3, 0, 1]
+    # the two big ones first; the small ones then fill the two slots left idle
+    assert assign_owners([(4, 4)] * 6 + [(8, 8)] * 2, 4) == [2, 3, 2, 3, 2, 3, 0, 1]
+    assert assign_owners([(2, 2), (3, 3)], 4) == [1, 0]  # fewer matrices than slots: distinct owners
+
+
+def test_unsharded_path_is_fn_on_the_matrices_without_a_wire_cast():
+    gen = torch.Generator().manual_seed(0)
+    blocks = [torch.randn(shape, generator=gen) for shape in [(5, 3), (2, 6), (5, 3)]]
+    infos = [ShardInfo(b.shape, None, 0, 1) for b in blocks]
+    calls, probed = [], []
+
+    def fn(batch: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(batch.shape))
+        return newton_schulz5(batch, dtype=torch.float32)
+
+    out = apply_to_whole_matrices(fn, blocks, infos, comm_dtype=torch.bfloat16, probe=probed.append)
+    assert sorted(calls) == [(1, 2, 6), (2, 5, 3)]  # one call per shape
+    for block, result in zip(blocks, out, strict=True):
+        torch.testing.assert_close(result, newton_schulz5(block, dtype=torch.float32), rtol=1e-6, atol=1e-7)
+        assert result.dtype == torch.float32
+    assert len(probed) == 1 and torch.equal(probed[0], out[0])
