@@ -1,7 +1,8 @@
 """The FSDP2 engine: what one optimizer step does to a sharded model, behind a small interface.
 
-The loop in train.py talks only to this interface (forward_backward, grad_norm, step, skip, checkpoint_state),
-so the DeepSpeed engine (trainer/engine_deepspeed.py) can stand in for it without a second copy of the loop.
+The loop in train.py talks only to this interface (forward_backward, grad_norm, step, skip, health,
+checkpoint_state), so the DeepSpeed engine (trainer/engine_deepspeed.py, save / load instead of checkpoint_state)
+can stand in for it without a second copy of the loop.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.optim import Optimizer
+
+from optim import health_of
 
 
 def causal_lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -77,6 +80,10 @@ class FSDP2Engine:
 
     def skip(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+
+    def health(self) -> dict[str, float]:
+        """The optimizer's update statistics for the optim/ metrics (collective under sharding)."""
+        return health_of(self.optimizer)
 
     def checkpoint_state(self) -> dict[str, Stateful]:
         """What trainer.checkpoint saves and loads: each rank's shards of model and optimizer state."""

@@ -12,12 +12,13 @@ import torch
 from torch import nn
 
 from models import Llama, flops_per_token, model_config, num_params
-from optim import build_optimizer, health_of
+from optim import build_optimizer
 from trainer.checkpoint import Checkpointer, latest_checkpoint, restore_rng, rng_states
 from trainer.config import Config, ConfigError, save_config
 from trainer.data import build_loader
 from trainer.distributed import DistInfo, all_reduce_mean, build_mesh
 from trainer.engine import FSDP2Engine, causal_lm_loss
+from trainer.engine_deepspeed import DeepSpeedEngine
 from trainer.metrics import MetricsLogger, detect_peak_tflops
 from trainer.parallel import apply_fsdp
 from trainer.schedule import lr_multiplier
@@ -92,20 +93,24 @@ def train(cfg: Config, dist_info: DistInfo) -> dict[str, Any]:
     )
     model = build_model(cfg, loader.vocab_size, device)
     n_params, flops_tok = num_params(model.cfg), flops_per_token(model.cfg, t.seq_len)
-    mesh = build_mesh(dist_info, cfg.parallel.dp_replicate, cfg.parallel.dp_shard)
-    apply_fsdp(
-        model,
-        mesh,
-        mixed_precision=cfg.parallel.mixed_precision,
-        activation_checkpointing=cfg.parallel.activation_checkpointing,
-        compile=cfg.parallel.compile,
-    )
+    if cfg.parallel.engine == "fsdp2":  # the DeepSpeed engine takes the plain model
+        mesh = build_mesh(dist_info, cfg.parallel.dp_replicate, cfg.parallel.dp_shard)
+        apply_fsdp(
+            model,
+            mesh,
+            mixed_precision=cfg.parallel.mixed_precision,
+            activation_checkpointing=cfg.parallel.activation_checkpointing,
+            compile=cfg.parallel.compile,
+        )
     try:
         optimizer = build_optimizer(cfg.optim, model)
     except ValueError as err:
         raise ConfigError(f"optim: {err}") from None
 
-    engine = FSDP2Engine(model, optimizer)
+    if cfg.parallel.engine == "deepspeed":
+        engine = DeepSpeedEngine(model, optimizer, cfg, batches.accumulation, dist_info.world_size)
+    else:
+        engine = FSDP2Engine(model, optimizer)
     ckpt = cfg.checkpoint
     checkpointer = Checkpointer(run_dir / "checkpoints", ckpt.keep_last, is_main, ckpt.async_save)
     # The config's peak lrs, taken before a resume: a checkpoint's param groups hold scheduled ones.
@@ -178,7 +183,7 @@ def train(cfg: Config, dist_info: DistInfo) -> dict[str, Any]:
                 "grad_norm": norm.item(),
                 "tokens": tokens,
                 "tokens_per_s": tok_s,
-                **{f"optim/{k}": v for k, v in health_of(optimizer).items()},
+                **{f"optim/{k}": v for k, v in engine.health().items()},
             }
             if peak_flops:
                 values["mfu"] = flops_tok * tok_s / (peak_flops * dist_info.world_size)

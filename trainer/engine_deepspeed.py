@@ -1,0 +1,174 @@
+"""The DeepSpeed engine: the same optimizer step as FSDP2Engine (trainer/engine.py), with ZeRO stages 0-3 underneath.
+
+train.py talks to both engines through the same methods, so the loop, the lr schedule, metrics and checkpoints
+stay one copy. How our config maps onto DeepSpeed's:
+- micro batch and accumulation -> train_micro_batch_size_per_gpu / gradient_accumulation_steps. The boundary is set
+  explicitly per micro-batch, so gradients are reduced once per step and DeepSpeed divides each micro-batch loss
+  by the accumulation count, exactly what FSDP2Engine does by hand.
+- train.grad_clip -> gradient_clipping: DeepSpeed clips the raw, reduced gradients by their global norm (the norm
+  grad_norm() returns) with torch's formula.
+- the lr schedule stays ours: train.py writes every param group's lr before each step; DeepSpeed's partitioned
+  optimizers step those same group dicts.
+- bf16 (mixed_precision auto on GPU, or bf16): ZeRO-0 uses torch autocast, so weights stay fp32 and whole, which
+  the matrix optimizers need; ZeRO-1/2/3 use DeepSpeed's bf16 weights with fp32 master partitions.
+
+Optimizers: AdamW at every stage; our matrix optimizers at ZeRO-0 only. At stages 1-3 DeepSpeed hands the optimizer
+flat 1-D partitions that cut across matrices; config validation refuses that combination, and `check_whole_matrices`
+makes sure no matrix rule ever holds anything but the model's own 2-D weights, whatever DeepSpeed does underneath.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.optim import Optimizer
+
+from optim import health_of
+from trainer.config import Config, ConfigError, deepspeed_support_error
+from trainer.engine import causal_lm_loss
+
+TAG = "deepspeed"  # DeepSpeed's save_checkpoint(dir, tag) writes into dir/tag; the tag is fixed, dir is the step's
+
+
+def deepspeed_config(
+    stage: int, micro: int, accumulation: int, world_size: int, grad_clip: float, bf16: bool
+) -> dict[str, Any]:
+    """The DeepSpeed config our run config implies (nothing else is set: DeepSpeed's defaults hold)."""
+    return {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": micro * accumulation * world_size,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,  # ours and torch's AdamW are not on DeepSpeed's tested list
+        "bf16": {"enabled": bf16 and stage > 0},
+        "torch_autocast": {"enabled": bf16 and stage == 0, "dtype": "bfloat16"},
+        "steps_per_print": 2**31 - 1,  # progress is ours (trainer/metrics.py)
+    }
+
+
+def unsupported(cfg: Config, world_size: int) -> str | None:
+    """Why this run's settings cannot run under DeepSpeed here (None: they can); checked before initialize."""
+    p = cfg.parallel
+    if p.dp_replicate != 1 or p.dp_shard not in (-1, world_size):
+        return "parallel.dp_replicate / dp_shard (HSDP) need parallel.engine=fsdp2; DeepSpeed shards over all ranks"
+    if p.activation_checkpointing or p.compile:
+        return "parallel.activation_checkpointing and parallel.compile need parallel.engine=fsdp2 for now"
+    return deepspeed_support_error(p.zero_stage, cfg.optim.name)
+
+
+def check_whole_matrices(optimizer: Optimizer, model: nn.Module, stage: int) -> None:
+    """Refuse to train if a matrix-rule param group holds anything but the model's own 2-D weights."""
+    own = {id(p) for p in model.parameters()}
+    for group in optimizer.param_groups:
+        if group.get("algorithm", "adamw") != "adamw" and any(
+            id(p) not in own or p.ndim != 2 for p in group["params"]
+        ):
+            raise ConfigError(
+                f"DeepSpeed ZeRO-{stage} handed {type(optimizer).__name__} tensors that are not the model's 2-D "
+                f"weights; a matrix rule never runs on flattened partitions"
+            )
+
+
+class DeepSpeedEngine:
+    """A plain (unsharded) model and its optimizer, handed to deepspeed.initialize."""
+
+    def __init__(
+        self, model: nn.Module, optimizer: Optimizer, cfg: Config, accumulation: int, world_size: int
+    ):
+        problem = unsupported(cfg, world_size)
+        if problem:
+            raise ConfigError(problem)
+        import deepspeed
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(logging.WARNING)
+        self.device = next(model.parameters()).device
+        precision = cfg.parallel.mixed_precision
+        bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        self.stage = cfg.parallel.zero_stage
+        self.numel = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
+        t = cfg.train
+        config = deepspeed_config(self.stage, t.micro_batch_size, accumulation, world_size, t.grad_clip, bf16)
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        check_whole_matrices(optimizer, model, self.stage)
+        self.model = model
+        self.optimizer = optimizer
+
+    def forward_backward(self, micro_batches: list[torch.Tensor]) -> torch.Tensor:
+        """Accumulate gradients over the micro-batches (reduced at the last); return this rank's mean loss."""
+        total = torch.zeros((), device=micro_batches[0].device)
+        for index, micro in enumerate(micro_batches):
+            self.engine.set_gradient_accumulation_boundary(index == len(micro_batches) - 1)
+            loss = causal_lm_loss(self.engine, micro)
+            self.engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps
+            total += loss.detach() / len(micro_batches)
+        return total
+
+    def grad_norm(self) -> torch.Tensor:
+        """Global L2 norm of the reduced, unclipped gradients: the one DeepSpeed's step clips with."""
+        opt = self.engine.optimizer
+        if self.stage == 0:  # whole gradients on the parameters, already all-reduced
+            norm = torch.nn.utils.get_total_norm(
+                [p.grad for p in self.model.parameters() if p.grad is not None]
+            )
+        elif self.stage in (1, 2):
+            norm = opt.scaled_global_norm()
+        else:
+            from deepspeed.runtime.utils import combine_grad_norm_groups
+
+            norm = combine_grad_norm_groups(opt._get_norm_groups())
+        norm = torch.as_tensor(norm, dtype=torch.float32)
+        return torch.where(norm < 0, math.nan, norm)  # DeepSpeed reports a non-finite norm as -1
+
+    def step(self, grad_norm: torch.Tensor, max_norm: float) -> None:
+        """DeepSpeed's step: clip (gradient_clipping = train.grad_clip, set at start-up), update, drop grads."""
+        self.engine.step()
+
+    def skip(self) -> None:
+        """Drop this step's gradients without updating anything."""
+        if self.stage == 0:
+            self.engine.zero_grad()
+            return
+        # At ZeRO-1..3 the gradients live in DeepSpeed's partitions; its step discards non-finite ones itself.
+        self.engine.step()
+        if self.engine.was_step_applied():
+            raise RuntimeError("DeepSpeed applied a step the trainer skipped: its gradients were finite")
+
+    def health(self) -> dict[str, float]:
+        """The optim/ numbers FSDP2 logs. ZeRO-0: the optimizer's own (whole tensors). ZeRO-1..3: AdamW's last
+        update recomputed from its state over this rank's flat partitions (their padding is zero: no update, no
+        weight), then summed over ranks: exact, like optim.health_of under FSDP2. Collective."""
+        if self.stage == 0:
+            return health_of(self.optimizer)
+        (group,) = self.optimizer.param_groups  # build_optimizer's AdamW: one group (DeepSpeed may empty it)
+        beta1, beta2 = group["betas"]
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for partition, state in self.optimizer.state.items():
+            step = float(state["step"])
+            denom = state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**step) + group["eps"]
+            update = state["exp_avg"] / denom * (group["lr"] / (1 - beta1**step))
+            sums += torch.stack([update.double().square().sum(), partition.double().square().sum()])
+        dist.all_reduce(sums)
+        update_sq, weight_sq = sums.tolist()
+        return {
+            "update_rms": math.sqrt(update_sq / self.numel),
+            "update_weight_ratio": math.sqrt(update_sq / weight_sq) if weight_sq > 0 else 0.0,
+        }
+
+    def save(self, path: Path) -> None:
+        """Every rank writes its own ZeRO partitions (DeepSpeed's format) into path/deepspeed/."""
+        self.engine.save_checkpoint(str(path), tag=TAG, save_latest=False)
+
+    def load(self, path: Path) -> None:
+        load_path, _ = self.engine.load_checkpoint(
+            str(path), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if load_path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint in {path / TAG}")
