@@ -56,10 +56,12 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
     }
 
 
+def _names(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
 def _save(directory: Path, engine: FSDP2Engine, step: int, keep_last: int = 0, **kw) -> Path:
-    return Checkpointer(directory, keep_last, True, **kw).save(
-        step, engine.checkpoint_state(), {"step": step, "optim": "adamw"}
-    )
+    return Checkpointer(directory, keep_last, True, **kw).save(step, engine, {"step": step, "optim": "adamw"})
 
 
 def test_commit_is_a_rename_and_keep_last_prunes_only_after_the_newer_one_is_complete(tmp_path, monkeypatch):
@@ -74,7 +76,7 @@ def test_commit_is_a_rename_and_keep_last_prunes_only_after_the_newer_one_is_com
     monkeypatch.setattr(ckpt.dcp, "save", recording_save)
     checkpointer = Checkpointer(tmp_path, keep_last=2, is_main=True)
     for step in (1, 2, 3):
-        checkpointer.save(step, engine.checkpoint_state(), {"step": step})
+        checkpointer.save(step, engine, {"step": step})
     # While step 3 was being written, steps 1 and 2 were both still there; step 1 went only after step 3's rename.
     assert seen_while_writing[-1] == ["step_000001", "step_000002", "step_000003.partial"]
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000002", "step_000003"]
@@ -89,7 +91,7 @@ def test_commit_is_a_rename_and_keep_last_prunes_only_after_the_newer_one_is_com
         tmp_path / "step_000009"
     ).mkdir()  # no metadata, no trainer state: not a checkpoint (and not ours to delete)
     assert latest_checkpoint(tmp_path) == tmp_path / "step_000003"
-    checkpointer.save(5, engine.checkpoint_state(), {"step": 5})
+    checkpointer.save(5, engine, {"step": 5})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000003", "step_000005", "step_000009"]
 
 
@@ -113,7 +115,7 @@ def test_round_trip_continues_bit_for_bit(tmp_path, optim):
 
     fresh = _engine(optim)
     fresh.optimizer.param_groups[0]["lr"] = 123.0  # the checkpoint's hyperparameters replace the fresh ones
-    Checkpointer(tmp_path, 0, True).load(path, fresh.checkpoint_state())
+    Checkpointer(tmp_path, 0, True).load(path, fresh)
     assert [g["lr"] for g in fresh.optimizer.param_groups] == lr_after_save
     assert _train(fresh, 2, seed=2) == expected_loss
     got = _params(fresh)
@@ -128,7 +130,7 @@ def test_loading_into_a_fresh_stateless_optimizer_leaves_the_model_untouched(tmp
     _train(engine, 2, seed=1)
     path = _save(tmp_path, engine, 2)
     fresh = _engine("swan")
-    Checkpointer(tmp_path, 0, True).load(path, fresh.checkpoint_state())
+    Checkpointer(tmp_path, 0, True).load(path, fresh)
     assert all(p.grad is None for p in fresh.model.parameters())
     for name, value in _params(fresh).items():
         assert torch.equal(value, _params(engine)[name]), name
@@ -182,7 +184,7 @@ def test_a_damaged_or_incompatible_checkpoint_is_one_line_and_deletes_nothing(
     engine = _engine(**engine_kwargs)
     weights = _params(engine)
     with pytest.raises(CheckpointError) as err:
-        Checkpointer(saved.parent, 1, True).load(saved, engine.checkpoint_state(), expect=expect)
+        Checkpointer(saved.parent, 1, True).load(saved, engine, expect=expect)
     text = str(err.value)
     assert message in text and text.startswith(str(saved)), text
     assert "\n" not in text and "Traceback" not in text
@@ -204,14 +206,14 @@ def test_async_save_snapshots_the_state_and_commits_when_the_write_is_done(tmp_p
 
     monkeypatch.setattr(ckpt, "FileSystemWriter", SlowWriter)
     checkpointer = Checkpointer(tmp_path, 0, True, async_save=True)
-    path = checkpointer.save(1, engine.checkpoint_state(), {"step": 1})
+    path = checkpointer.save(1, engine, {"step": 1})
     with torch.no_grad():
         weight.add_(1.0)  # training goes on while the checkpoint is written
     assert not path.exists() and path.with_name(path.name + ".partial").is_dir()
     checkpointer.wait()
     assert latest_checkpoint(tmp_path) == path
     fresh = _engine()
-    checkpointer.load(path, fresh.checkpoint_state())
+    checkpointer.load(path, fresh)
     assert torch.equal(fresh.model.output.weight, at_save)
 
 
@@ -229,3 +231,31 @@ def test_rng_state_is_restored_at_the_same_world_size_and_reseeded_at_another():
         restore_rng(saved, rank=rank, world_size=2, seed=0, device=torch.device("cpu"))
         draws.append(torch.rand(5))
     assert torch.equal(draws[0], draws[2]) and not torch.equal(draws[0], draws[1])
+
+
+class OwnFormat:
+    """An engine that writes its own files (as DeepSpeed does) instead of handing DCP its state."""
+
+    def __init__(self, value: int):
+        self.value = value
+
+    def save(self, path: Path) -> None:
+        (path / "state.json").write_text(json.dumps(self.value))
+
+    def load(self, path: Path) -> None:
+        self.value = json.loads((path / "state.json").read_text())
+
+
+def test_an_engine_with_its_own_format_gets_the_same_commit_and_one_line_errors(tmp_path):
+    checkpointer = Checkpointer(tmp_path, keep_last=1, is_main=True, async_save=True)  # async: saved in place
+    for step in (1, 2):
+        assert checkpointer.save(step, OwnFormat(step * 10), {"step": step}) == tmp_path / f"step_00000{step}"
+    assert _names(tmp_path) == ["step_000002"]
+    assert _names(tmp_path / "step_000002") == ["state.json", "trainer_state.json"]
+    engine = OwnFormat(0)
+    assert checkpointer.load(tmp_path / "step_000002", engine) == {"step": 2} and engine.value == 20
+    (tmp_path / "step_000002" / "state.json").unlink()
+    with pytest.raises(
+        CheckpointError, match=r"step_000002: cannot load \(FileNotFoundError: .*state.json'\)$"
+    ):
+        checkpointer.load(tmp_path / "step_000002", engine)

@@ -1,7 +1,7 @@
 """Sharded, atomic, optionally asynchronous checkpoints with torch.distributed.checkpoint (DCP).
 
 Layout of runs/<name>/checkpoints/:
-    step_000100/            complete: DCP shards (one file per rank) + .metadata + trainer_state.json
+    step_000100/            complete: DCP shards (one file per rank) + .metadata + trainer_state.json (last)
     step_000200.partial/    being written (or left by a crash): never loaded, removed by the next save
     step_000050.old/        being deleted by keep_last (or left by a crash): never loaded, removed by the next save
 
@@ -17,6 +17,10 @@ happens as soon as the write completes; the next save and the end of training wa
 Loading checks what it can before touching any state and reduces every failure to one line (CheckpointError):
 a missing or truncated shard file, a tensor whose shape differs from this run's model, a trainer-state field that
 must match (the optimizer). Nothing is ever deleted on a failed load.
+
+Engines: a DCP engine (FSDP2Engine) hands over its state as DCP Statefuls (`checkpoint_state()`) and gets all of
+the above; an engine with its own format (DeepSpeed) writes and reads its files itself (`save(path)` /
+`load(path)`), synchronously, inside the same partial-directory-then-rename commit.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import warnings
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -56,12 +60,8 @@ def step_dir_name(step: int) -> str:
 
 
 def is_complete(path: Path) -> bool:
-    """A committed checkpoint: named step_N (no suffix), with DCP metadata and the trainer state."""
-    return (
-        _STEP_DIR.fullmatch(path.name) is not None
-        and (path / METADATA).is_file()
-        and (path / TRAINER_STATE).is_file()
-    )
+    """A committed checkpoint: named step_N (no suffix) with its trainer state, the file written last."""
+    return _STEP_DIR.fullmatch(path.name) is not None and (path / TRAINER_STATE).is_file()
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
@@ -208,10 +208,24 @@ def _decode(text: str) -> torch.Tensor:
 # -------------------------------------------------------------------------------------------- checkpointer
 
 
+class DCPEngine(Protocol):
+    def checkpoint_state(self) -> dict[str, Stateful]:
+        """Model and optimizer state as DCP Statefuls (DTensor-sharded: each rank saves its own shards)."""
+        ...
+
+
+class OwnFormatEngine(Protocol):
+    def save(self, path: Path) -> None:
+        """Every rank writes its own files under `path` (an existing directory)."""
+        ...
+
+    def load(self, path: Path) -> None: ...
+
+
 class Checkpointer:
     """Saves and restores the whole training state under one run's checkpoints/ directory.
 
-    `state` is a dict of DCP Statefuls (the engine's checkpoint_state()); `trainer_state` is the JSON side
+    `engine` provides model + optimizer state (DCPEngine or OwnFormatEngine); `trainer_state` is the JSON side
     (step, tokens, data position, RNG, config), written by rank 0 as the last file before the rename.
     """
 
@@ -225,11 +239,11 @@ class Checkpointer:
         # Background writes synchronise ranks over their own gloo group (a collective, so built on every rank).
         self._group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
 
-    def save(self, step: int, state: dict[str, Stateful], trainer_state: dict[str, Any]) -> Path:
-        """Write `state` into step_N.partial, then trainer_state.json and the rename (rank 0).
+    def save(self, step: int, engine: DCPEngine | OwnFormatEngine, trainer_state: dict[str, Any]) -> Path:
+        """Write the engine's state into step_N.partial, then trainer_state.json and the rename (rank 0).
 
-        Sync: returns when step_N is committed. Async: returns once the state is copied to CPU memory; the
-        write and the commit continue in the background (`wait()` blocks until they are done).
+        Sync: returns when step_N is committed. Async (DCP engines): returns once the state is copied to CPU
+        memory; the write and the commit continue in the background (`wait()` blocks until they are done).
         """
         self.wait()
         final = self.dir / step_dir_name(step)
@@ -239,20 +253,28 @@ class Checkpointer:
                 shutil.rmtree(stale, ignore_errors=True)
             partial.mkdir(parents=True, exist_ok=True)
         _barrier()
-        writer = FileSystemWriter(str(partial))
-        if not self.async_save:
-            dcp.save(state, storage_writer=writer)
-            if self.is_main:
-                self._commit(partial, final, trainer_state)
-            _barrier()
-            return final
-        written = dcp.async_save(state, storage_writer=writer, process_group=self._group)
-        if self._committer is None:
-            self._pending = written
-        else:  # rank 0's write completes after every rank's shards and the metadata are on disk
-            self._pending = self._committer.submit(
-                lambda: (written.result(), self._commit(partial, final, trainer_state))
+        dcp_engine = hasattr(engine, "checkpoint_state")
+        if dcp_engine and self.async_save:
+            # FileSystemWriter is an AsyncStager: async_save copies the state to CPU memory before returning.
+            writer = FileSystemWriter(str(partial))
+            written = dcp.async_save(
+                engine.checkpoint_state(), storage_writer=writer, process_group=self._group
             )
+            if self._committer is None:
+                self._pending = written
+            else:  # rank 0's write completes after every rank's shards and the metadata are on disk
+                self._pending = self._committer.submit(
+                    lambda: (written.result(), self._commit(partial, final, trainer_state))
+                )
+            return final
+        if dcp_engine:  # returns on rank 0 only after every rank's shards and the metadata are written
+            dcp.save(engine.checkpoint_state(), storage_writer=FileSystemWriter(str(partial)))
+        else:
+            engine.save(partial)
+            _barrier()  # an own format makes no promise about the other ranks when rank 0 returns
+        if self.is_main:
+            self._commit(partial, final, trainer_state)
+        _barrier()
         return final
 
     def wait(self) -> None:
@@ -262,22 +284,28 @@ class Checkpointer:
             pending.result()
 
     def load(
-        self, path: Path, state: dict[str, Stateful], expect: Mapping[str, Any] | None = None
+        self, path: Path, engine: DCPEngine | OwnFormatEngine, expect: Mapping[str, Any] | None = None
     ) -> dict[str, Any]:
-        """Restore `state` in place from a complete checkpoint; return its trainer state.
+        """Restore the engine's state in place from a complete checkpoint; return its trainer state.
 
         `expect`: trainer-state fields that must match this run (e.g. {"optim": "normuon"}). Raises
         CheckpointError with one line naming the problem; never deletes anything.
         """
         if not is_complete(path):
-            raise CheckpointError(f"{path}: not a complete checkpoint (no {METADATA} or {TRAINER_STATE})")
+            raise CheckpointError(f"{path}: not a complete checkpoint (no {TRAINER_STATE})")
         trainer_state = read_trainer_state(path)
         for key, value in (expect or {}).items():
             if trainer_state.get(key) != value:
                 raise CheckpointError(
                     f"{path}: saved with {key} {trainer_state.get(key)!r}, this run has {value!r}"
                 )
-        load_state(path, state)
+        if hasattr(engine, "checkpoint_state"):
+            load_state(path, engine.checkpoint_state())
+            return trainer_state
+        try:
+            engine.load(path)
+        except Exception as err:
+            raise CheckpointError(f"{path}: cannot load ({one_line(err)})") from None
         return trainer_state
 
     def _commit(self, partial: Path, final: Path, trainer_state: dict[str, Any]) -> None:

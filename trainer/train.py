@@ -120,7 +120,7 @@ def train(cfg: Config, dist_info: DistInfo) -> dict[str, Any]:
     if resume is None and ckpt.resume:
         resume = latest_checkpoint(run_dir / "checkpoints")
     if resume is not None:  # before anything is written: a checkpoint that does not fit changes nothing
-        saved = checkpointer.load(resume, engine.checkpoint_state(), expect={"optim": cfg.optim.name})
+        saved = checkpointer.load(resume, engine, expect={"optim": cfg.optim.name})
         step, tokens = saved["step"], saved["tokens"]
         loader.load_state_dict(saved["data"])
         restore_rng(saved, dist_info.rank, dist_info.world_size, t.seed, device)
@@ -206,7 +206,7 @@ def train(cfg: Config, dist_info: DistInfo) -> dict[str, Any]:
                 "config": cfg.to_dict(),
                 "rng": rng_states(device),
             }
-            path = checkpointer.save(step, engine.checkpoint_state(), trainer_state)
+            path = checkpointer.save(step, engine, trainer_state)
             log.info(f"{'writing' if ckpt.async_save else 'saved'} checkpoint {path}")
     checkpointer.wait()
     log.close()
