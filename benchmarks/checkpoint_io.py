@@ -1,0 +1,105 @@
+"""Checkpoint save and load times (sync and async) of a sharded model + optimizer, as the trainer does them.
+
+Each rank builds the model, shards it with FSDP2, takes one optimizer step (so the optimizer state exists), then
+times, `--repeats` times each (median): a synchronous save (until committed), an async save's blocking part (the
+copy to CPU memory; training goes on after it) and its total (until committed), and a load. Launched like training:
+
+    torchrun --standalone --nproc_per_node=2 benchmarks/checkpoint_io.py [--model llama_60m] [--optim adamw]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from models import Llama, model_config, num_params  # noqa: E402
+from optim import build_optimizer  # noqa: E402
+from trainer.checkpoint import Checkpointer  # noqa: E402
+from trainer.config import OptimConfig  # noqa: E402
+from trainer.distributed import build_mesh, init_distributed, shutdown  # noqa: E402
+from trainer.engine import FSDP2Engine  # noqa: E402
+from trainer.parallel import apply_fsdp  # noqa: E402
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall seconds of fn() on the slowest rank (a save or load is done when every rank is done)."""
+    dist.barrier()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    return elapsed.item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="llama_60m")
+    parser.add_argument("--optim", default="adamw")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--dir", default="", help="where to write (default: a temporary directory)")
+    args = parser.parse_args()
+
+    info = init_distributed(args.device)
+    torch.manual_seed(0)
+    model = Llama(model_config(args.model, max_seq_len=args.seq_len)).to(info.device)
+    apply_fsdp(model, build_mesh(info), mixed_precision="fp32")
+    engine = FSDP2Engine(model, build_optimizer(OptimConfig(name=args.optim), model))
+    tokens = torch.randint(0, model.cfg.vocab_size, (1, args.seq_len + 1), device=info.device)
+    engine.forward_backward([tokens])
+    engine.step(engine.grad_norm(), max_norm=0.0)
+
+    root = Path(args.dir) if args.dir else Path(tempfile.gettempdir()) / "checkpoint_io"
+    sync = Checkpointer(root / "sync", keep_last=1, is_main=info.is_main)
+    background = Checkpointer(root / "async", keep_last=1, is_main=info.is_main, async_save=True)
+    times: dict[str, list[float]] = {"sync": [], "async_blocking": [], "async_total": [], "load": []}
+    for step in range(1, args.repeats + 1):
+        times["sync"].append(timed(lambda step=step: sync.save(step, engine, {"step": step}), info.device))
+        start = time.perf_counter()
+        times["async_blocking"].append(
+            timed(lambda step=step: background.save(step, engine, {"step": step}), info.device)
+        )
+        background.wait()
+        dist.barrier()
+        times["async_total"].append(time.perf_counter() - start)
+        path = root / "sync" / f"step_{step:06d}"
+        times["load"].append(timed(lambda path=path: sync.load(path, engine), info.device))
+
+    if info.is_main:
+        size = sum(f.stat().st_size for f in (root / "sync").rglob("*") if f.is_file())
+        median = {key: statistics.median(values) for key, values in times.items()}
+        print(
+            f"checkpoint I/O: {args.model} ({num_params(model.cfg) / 1e6:.1f}M params), optimizer {args.optim}, "
+            f"world size {info.world_size}, {info.device.type}, {args.repeats} repeats (median); "
+            f"checkpoint {size / 1e6:.0f} MB on disk"
+        )
+        print("| operation | seconds | MB/s |")
+        print("| --- | ---: | ---: |")
+        for key, label in [
+            ("sync", "sync save (until committed)"),
+            ("async_blocking", "async save: blocking part (copy to CPU)"),
+            ("async_total", "async save: until committed"),
+            ("load", "load (checks + read)"),
+        ]:
+            print(f"| {label} | {median[key]:.3f} | {size / 1e6 / median[key]:.0f} |")
+    if not args.dir and info.is_main:
+        shutil.rmtree(root, ignore_errors=True)
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()
