@@ -1,0 +1,228 @@
+"""The DeepSpeed engine on CPU (gloo, 2 processes): its ZeRO stages give FSDP2's numbers, resume is exact, both
+launchers work, and the combinations it cannot run are refused in one line before anything starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import Llama, model_config
+from optim import SWAN, route_parameters
+from tests.distributed import free_port, run_distributed
+from tests.run_helpers import FAST, logged, train_in_process
+from trainer.config import ConfigError, load_config
+from trainer.engine_deepspeed import check_whole_matrices, unsupported
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+KEYS = ("loss", "grad_norm", "optim/update_rms", "optim/orth_error")
+# Clipping at 0.5 is active on every step of these runs (their raw norms are ~0.9): the mapping is under test too.
+COMMON = [*FAST, "--train.grad_clip=0.5"]
+DEEPSPEED = ["--parallel.engine=deepspeed"]
+
+
+def _train_all(root: Path, runs: list[tuple[str, str, list[str]]]) -> dict[str, dict[str, list[float]]]:
+    """Train each (run name, config, overrides) in turn in this process group; return what each one logged."""
+    out = {}
+    for name, config, overrides in runs:
+        train_in_process(
+            config, [*COMMON, f"--train.runs_dir={root}", f"--train.run_name={name}", *overrides]
+        )
+        if torch.distributed.get_rank() == 0:  # only rank 0 writes metrics
+            out[name] = {key: logged(root / name, key) for key in KEYS}
+    return out
+
+
+def _assert_same_run(got: dict[str, list[float]], reference: dict[str, list[float]]) -> None:
+    for key in KEYS[:3]:  # orth_error is of one matrix, whichever the layout computes first: not compared
+        assert got[key] == pytest.approx(reference[key], rel=1e-4, abs=1e-4), key
+
+
+@pytest.mark.slow
+def test_zero_stages_0_2_3_with_adamw_give_the_fsdp2_losses(tmp_path) -> None:
+    runs = [("fsdp2", "tiny_adamw.yaml", [])]
+    runs += [(f"zero{s}", "tiny_adamw.yaml", [*DEEPSPEED, f"--parallel.zero_stage={s}"]) for s in (0, 2, 3)]
+    results = run_distributed(_train_all, 2, tmp_path, runs)
+    reference = results.pop("fsdp2")
+    assert len(reference["loss"]) == 5 and reference["loss"][-1] < reference["loss"][0]
+    assert min(reference["grad_norm"]) > 0.5  # every step was clipped
+    for name, got in results.items():
+        assert got["optim/update_rms"], name  # the health numbers are there, and (below) FSDP2's
+        _assert_same_run(got, reference)
+
+
+@pytest.mark.slow
+def test_zero_0_with_matrix_optimizers_gives_the_fsdp2_losses(tmp_path) -> None:
+    runs = []
+    for name in ("swan", "normuon"):
+        runs += [(name, f"tiny_{name}.yaml", []), (f"{name}_zero0", f"tiny_{name}.yaml", DEEPSPEED)]
+    results = run_distributed(_train_all, 2, tmp_path, runs)
+    for name in ("swan", "normuon"):
+        assert (
+            len(results[f"{name}_zero0"]["optim/orth_error"]) == 5
+        )  # the matrix rule ran, on whole matrices
+        _assert_same_run(results[f"{name}_zero0"], results[name])
+
+
+def _resume_runs(
+    root: Path, runs: list[tuple[str, str, list[str]]]
+) -> dict[str, tuple[list[float], list[float]]]:
+    """Each run trains 6 steps (checkpoints at 3 and 6), loses step 6, and resumes from step 3."""
+    out = {}
+    for name, config, overrides in runs:
+        args = [*overrides, "--train.steps=6", "--checkpoint.every=3", f"--train.run_name={name}"]
+        train_in_process(config, [*COMMON, f"--train.runs_dir={root}", *args])
+        main = torch.distributed.get_rank() == 0
+        if main:
+            full = logged(root / name)
+            shutil.rmtree(root / name / "checkpoints" / "step_000006")
+            (root / name / "metrics.jsonl").unlink()
+        torch.distributed.barrier()
+        train_in_process(config, [*COMMON, f"--train.runs_dir={root}", *args])
+        if main:
+            out[name] = (full, logged(root / name))
+    return out
+
+
+@pytest.mark.slow
+def test_resume_is_exact(tmp_path) -> None:
+    runs = [
+        ("adamw_zero2", "tiny_adamw.yaml", [*DEEPSPEED, "--parallel.zero_stage=2"]),
+        ("normuon_zero0", "tiny_normuon.yaml", DEEPSPEED),
+    ]
+    results = run_distributed(_resume_runs, 2, tmp_path, runs)
+    for name, (full, resumed) in results.items():
+        assert len(full) == 6 and resumed == full[3:], name  # bitwise: the same steps 4-6
+    saved = tmp_path / "adamw_zero2" / "checkpoints" / "step_000003"
+    assert json.loads((saved / "trainer_state.json").read_text())["step"] == 3
+    files = sorted(
+        p.name for p in (saved / "deepspeed").iterdir()
+    )  # DeepSpeed's own layout, one file per rank
+    assert files == [
+        "mp_rank_00_model_states.pt",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
+
+
+def _skip_runs(root: Path, runs: list[tuple[str, str, list[str]]]) -> dict[str, dict[str, list[float]]]:
+    """The loss of every micro-batch of step 3 turns NaN (so do its gradients): the step must be skipped."""
+    import trainer.engine
+    import trainer.engine_deepspeed
+
+    real = trainer.engine.causal_lm_loss
+    calls = []
+
+    def poisoned(model, batch):
+        calls.append(1)
+        step = (
+            len(calls) - 1
+        ) // 2 + 1  # two micro-batches per step (FAST: global 8 = micro 2 x 2 x world 2)
+        return real(model, batch) * (float("nan") if step == 3 else 1.0)
+
+    trainer.engine.causal_lm_loss = trainer.engine_deepspeed.causal_lm_loss = poisoned
+    results = {}
+    for run in runs:
+        calls.clear()
+        results.update(_train_all(root, [run]))
+    return results
+
+
+@pytest.mark.slow
+def test_a_skipped_step_under_zero_2_matches_fsdp2(tmp_path) -> None:
+    skip = ["--train.on_nonfinite=skip"]
+    runs = [
+        ("fsdp2", "tiny_adamw.yaml", skip),
+        ("zero2", "tiny_adamw.yaml", [*skip, *DEEPSPEED, "--parallel.zero_stage=2"]),
+    ]
+    results = run_distributed(_skip_runs, 2, tmp_path, runs)
+    assert len(results["fsdp2"]["loss"]) == 4  # steps 1, 2, 4, 5: step 3 was skipped
+    _assert_same_run(results["zero2"], results["fsdp2"])
+
+
+def pretrain(*args: str, launcher: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    cmd = [*launcher, str(ROOT / "launch" / "pretrain.py"), *args]
+    return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_runs_zero_3_with_metrics_tensorboard_and_checkpoints(tmp_path) -> None:
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus=2", "--no_local_rank"]
+    launcher.append(f"--master_port={free_port()}")
+    result = pretrain(
+        "--config", "tiny_adamw.yaml", f"--train.runs_dir={tmp_path}", "--train.steps=4", "--metrics.log_every=2",
+        "--parallel.engine=deepspeed", "--parallel.zero_stage=3", launcher=launcher,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "tiny_adamw"
+    losses = logged(run_dir)
+    assert len(losses) == 2 and losses[1] < losses[0]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000004"]
+    files = sorted(p.name for p in (run_dir / "checkpoints" / "step_000004" / "deepspeed").iterdir())
+    assert files == [
+        f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")
+    ]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx(losses)
+    assert {"lr", "grad_norm", "optim/update_rms", "eval/loss"} <= set(events.Tags()["scalars"])
+
+
+@pytest.mark.parametrize("config, stage", [("tiny_swan.yaml", 1), ("tiny_muon.yaml", 3)])
+def test_matrix_optimizers_above_zero_0_are_refused_in_one_line(tmp_path, config, stage) -> None:
+    name = config.removeprefix("tiny_").removesuffix(".yaml")
+    result = pretrain(
+        "--config", config, "--parallel.engine=deepspeed", f"--parallel.zero_stage={stage}",
+        f"--train.runs_dir={tmp_path / 'runs'}", launcher=[sys.executable], cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: optim.name={name} needs parallel.zero_stage=0 with parallel.engine=deepspeed, got {stage}: "
+        f"ZeRO-1/2/3 hand the optimizer flattened partitions (deepspeed: adamw at stages 0-3, matrix optimizers "
+        f"at stage 0; fsdp2: every optimizer) ({ROOT / 'configs' / config})"
+    ]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_matrix_rule_never_holds_a_flattened_partition() -> None:
+    model = Llama(model_config("llama_tiny", vocab_size=64, max_seq_len=16))
+    matrices, others = route_parameters(model)
+    optimizer = SWAN([{"params": matrices}, {"params": others, "algorithm": "adamw"}])
+    check_whole_matrices(optimizer, model, 0)  # the model's own 2-D weights: fine
+    optimizer.param_groups[1]["params"] = [torch.cat([p.detach().flatten() for p in others])]
+    check_whole_matrices(optimizer, model, 1)  # AdamW may take flat partitions
+    optimizer.param_groups[0]["params"] = [torch.cat([p.detach().flatten() for p in matrices])]
+    with pytest.raises(
+        ConfigError, match="DeepSpeed ZeRO-1 handed SWAN tensors that are not the model's 2-D"
+    ):
+        check_whole_matrices(optimizer, model, 1)
+
+
+@pytest.mark.parametrize(
+    "overrides, problem",
+    [
+        ([], None),
+        (["--parallel.zero_stage=3"], None),
+        (
+            ["--parallel.dp_replicate=2"],
+            "parallel.dp_replicate / dp_shard (HSDP) need parallel.engine=fsdp2; DeepSpeed shards over all ranks",
+        ),
+        (
+            ["--parallel.activation_checkpointing=true"],
+            "parallel.activation_checkpointing and parallel.compile need parallel.engine=fsdp2 for now",
+        ),
+    ],
+)
+def test_settings_deepspeed_cannot_honour_are_named(overrides, problem) -> None:
+    cfg = load_config("tiny_adamw.yaml", [*DEEPSPEED, *overrides])
+    assert unsupported(cfg, world_size=2) == problem
