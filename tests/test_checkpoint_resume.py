@@ -42,9 +42,9 @@ def _full_then_resumed(root: Path) -> None:
     train_in_process("tiny_adamw.yaml", _overrides(root, "adamw", "nosave"))  # saving must not perturb a run
 
 
-# World size 4 on two cores is slow: one optimizer per kind of state (AdamW moments; momentum + per-row second
-# moment + sharded Newton-Schulz; stateless whitening). World size 1 resumes every optimizer.
-RESHARDED = {1: OPTIMIZERS, 4: ["adamw", "normuon", "swan"]}
+# World size 4 on two cores is slow: AdamW (moments, step counts) and NorMuon (momentum, per-row second moment,
+# sharded Newton-Schulz, AdamW groups) cover every kind of state. World size 1 resumes every optimizer.
+RESHARDED = {1: OPTIMIZERS, 4: ["adamw", "normuon"]}
 
 
 def _resume(root: Path, world_size: int) -> None:

@@ -75,27 +75,27 @@ def test_a_rank_killed_during_a_save_leaves_the_previous_checkpoint_and_the_reru
     run_dir = tmp_path / "run"
     overrides = [
         *FAST,
-        "--train.steps=20",
-        "--checkpoint.every=10",
+        "--train.steps=8",
+        "--checkpoint.every=4",
         f"--checkpoint.async_save={mode == 'async'}",
         f"--train.runs_dir={tmp_path}",
         "--train.run_name=run",
     ]
     # The job fails: rank 1 by SIGKILL, or rank 0 first noticed (its gloo peer vanished) and raised.
     with pytest.raises((ProcessExitedException, ProcessRaisedException)):
-        run_distributed(_rank1_dies_in_its_nth_write, 2, overrides, 2)  # the save at step 20
+        run_distributed(_rank1_dies_in_its_nth_write, 2, overrides, 2)  # the save at step 8
     ckpts = run_dir / "checkpoints"
-    assert _names(ckpts) == ["step_000010", "step_000020.partial"]
-    assert not (ckpts / "step_000020.partial" / "trainer_state.json").exists()
-    assert latest_checkpoint(ckpts) == ckpts / "step_000010"
+    assert _names(ckpts) == ["step_000004", "step_000008.partial"]
+    assert not (ckpts / "step_000008.partial" / "trainer_state.json").exists()
+    assert latest_checkpoint(ckpts) == ckpts / "step_000004"
     first = _records(run_dir)
-    assert sorted(first) == list(range(1, 21))  # every step ran; only the last save was cut
+    assert sorted(first) == list(range(1, 9))  # every step ran; only the last save was cut
 
     run_distributed(train_in_process, 2, "tiny_adamw.yaml", overrides)  # the same command again
-    assert _names(ckpts) == ["step_000010", "step_000020"] and is_complete(ckpts / "step_000020")
+    assert _names(ckpts) == ["step_000004", "step_000008"] and is_complete(ckpts / "step_000008")
     both = _records(run_dir)
-    assert all(len(both[s]) == 1 for s in range(1, 11)) and all(len(both[s]) == 2 for s in range(11, 21))
-    assert [both[s][1] for s in range(11, 21)] == [both[s][0] for s in range(11, 21)]  # resumed exactly
+    assert all(len(both[s]) == 1 for s in range(1, 5)) and all(len(both[s]) == 2 for s in range(5, 9))
+    assert [both[s][1] for s in range(5, 9)] == [both[s][0] for s in range(5, 9)]  # resumed exactly
 
 
 # ------------------------------------------------------------------------ damaged / incompatible, CLI exit 2
