@@ -85,8 +85,13 @@ class DeepSpeedEngine:
         problem = unsupported(cfg, world_size)
         if problem:
             raise ConfigError(problem)
-        import deepspeed
-        from deepspeed.utils import logger as ds_logger
+        try:
+            import deepspeed
+            from deepspeed.utils import logger as ds_logger
+        except ImportError:
+            raise ConfigError(
+                "parallel.engine=deepspeed needs the deepspeed package: pip install -e '.[deepspeed]'"
+            ) from None
 
         ds_logger.setLevel(logging.WARNING)
         self.device = next(model.parameters()).device
