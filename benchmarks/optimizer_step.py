@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from models import model_config  # noqa: E402
 from optim import SWAN, AuON, HybridAuON, Muon, NorMuon, SinkGD  # noqa: E402
+from optim.newton_schulz import coupled_flops, ns5_flops  # noqa: E402
 
 # Estimated elementwise FLOPs per matrix element of one step (momentum lerps, normalizations, the update).
 ELEMENTWISE = {"adamw": 12, "muon": 8, "swan": 8, "sinkgd": 32, "normuon": 13, "auon": 15, "hybrid_auon": 12}
@@ -35,16 +36,6 @@ def layer_shapes(model: str) -> list[tuple[int, int]]:
     cfg = model_config(model)
     dim, ffn, kv = cfg.dim, cfg.intermediate_size, cfg.n_kv_heads * cfg.head_dim
     return [(dim, dim), (kv, dim), (kv, dim), (dim, dim), (ffn, dim), (ffn, dim), (dim, ffn)]
-
-
-def ns5_flops(m: int, n: int, steps: int) -> float:
-    p, q = min(m, n), max(m, n)
-    return steps * (4 * p * p * q + 2 * p**3)
-
-
-def coupled_flops(m: int, n: int, steps: int) -> float:
-    p, q = min(m, n), max(m, n)
-    return 4 * p * p * q + 6 * steps * p**3
 
 
 def optimizers(ns_dtype: str | None) -> dict[str, tuple[Callable, Callable[[int, int], float]]]:
