@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from models import Llama, model_config
 from optim import SWAN, route_parameters
 from tests.distributed import free_port, run_distributed
 from tests.run_helpers import FAST, logged, train_in_process
+from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, load_config
 from trainer.engine_deepspeed import check_whole_matrices, unsupported
 
@@ -71,9 +73,7 @@ def test_zero_0_with_matrix_optimizers_gives_the_fsdp2_losses(tmp_path) -> None:
         _assert_same_run(results[f"{name}_zero0"], results[name])
 
 
-def _resume_runs(
-    root: Path, runs: list[tuple[str, str, list[str]]]
-) -> dict[str, tuple[list[float], list[float]]]:
+def _resume_runs(root: Path, runs: list[tuple[str, str, list[str]]]) -> dict[str, Any]:
     """Each run trains 6 steps (checkpoints at 3 and 6), loses step 6, and resumes from step 3."""
     out = {}
     for name, config, overrides in runs:
@@ -88,23 +88,32 @@ def _resume_runs(
         train_in_process(config, [*COMMON, f"--train.runs_dir={root}", *args])
         if main:
             out[name] = (full, logged(root / name))
+    try:  # the ZeRO-2 run's checkpoint at another stage
+        overrides = [*DEEPSPEED, "--parallel.zero_stage=3", "--train.steps=7", "--train.run_name=adamw_zero2"]
+        train_in_process("tiny_adamw.yaml", [*COMMON, f"--train.runs_dir={root}", *overrides])
+    except CheckpointError as err:
+        out["other_stage"] = str(err)
     return out
 
 
 @pytest.mark.slow
-def test_resume_is_exact(tmp_path) -> None:
+def test_resume_is_exact_and_another_zero_stage_is_refused(tmp_path) -> None:
     runs = [
         ("adamw_zero2", "tiny_adamw.yaml", [*DEEPSPEED, "--parallel.zero_stage=2"]),
         ("normuon_zero0", "tiny_normuon.yaml", DEEPSPEED),
     ]
     results = run_distributed(_resume_runs, 2, tmp_path, runs)
+    checkpoints = tmp_path / "adamw_zero2" / "checkpoints"
+    refused = results.pop("other_stage")
+    assert (
+        refused
+        == f"{checkpoints / 'step_000006'}: cannot load (ValueError: saved at ZeRO-2, this run is ZeRO-3)"
+    )
     for name, (full, resumed) in results.items():
         assert len(full) == 6 and resumed == full[3:], name  # bitwise: the same steps 4-6
-    saved = tmp_path / "adamw_zero2" / "checkpoints" / "step_000003"
-    assert json.loads((saved / "trainer_state.json").read_text())["step"] == 3
-    files = sorted(
-        p.name for p in (saved / "deepspeed").iterdir()
-    )  # DeepSpeed's own layout, one file per rank
+    assert json.loads((checkpoints / "step_000003" / "trainer_state.json").read_text())["step"] == 3
+    # DeepSpeed's own layout, one optimizer-state file per rank
+    files = sorted(p.name for p in (checkpoints / "step_000003" / "deepspeed").iterdir())
     assert files == [
         "mp_rank_00_model_states.pt",
         "zero_pp_rank_0_mp_rank_00_optim_states.pt",

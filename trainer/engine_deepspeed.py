@@ -30,6 +30,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from optim import health_of
+from trainer.checkpoint import read_trainer_state
 from trainer.config import Config, ConfigError, deepspeed_support_error
 from trainer.engine import causal_lm_loss
 
@@ -172,8 +173,14 @@ class DeepSpeedEngine:
         self.engine.save_checkpoint(str(path), tag=TAG, save_latest=False)
 
     def load(self, path: Path) -> None:
-        load_path, _ = self.engine.load_checkpoint(
+        """DeepSpeed's load of path/deepspeed/: needs the ZeRO stage and world size of the run that saved it."""
+        saved = read_trainer_state(path).get("config", {}).get("parallel", {})
+        if not (path / TAG).is_dir():
+            raise FileNotFoundError(
+                f"no {TAG}/ directory: saved by parallel.engine={saved.get('engine', 'fsdp2')}"
+            )
+        if saved.get("zero_stage", self.stage) != self.stage:
+            raise ValueError(f"saved at ZeRO-{saved['zero_stage']}, this run is ZeRO-{self.stage}")
+        self.engine.load_checkpoint(
             str(path), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
         )
-        if load_path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint in {path / TAG}")
