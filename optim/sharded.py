@@ -76,7 +76,7 @@ class ShardInfo:
 
     @property
     def slot(self) -> int:
-        """This rank's owner slot: replica-major, so slot // world is the replica and slot % world the rank."""
+        """This rank's owner slot, replica-major: slot // world is the replica, slot % world the rank."""
         return self.replica * self.world + self.rank
 
 
@@ -166,9 +166,9 @@ def assign_owners(
 ) -> list[int]:
     """The owner slot (0 .. slots-1) of each matrix, balancing the summed cost(m, n) per slot.
 
-    Greedy longest-first: matrices by decreasing cost, same shapes together, then by index; each goes to the
-    least-loaded slot (lowest index on ties). A group of equal shapes is thus dealt round-robin. Deterministic,
-    so every rank computes the same plan.
+    Greedy longest-first: matrices by decreasing cost, same shapes together, then by index; each goes to
+    the least-loaded slot (lowest index on ties). A group of equal shapes is thus dealt round-robin.
+    Deterministic, so every rank computes the same plan.
     """
     loads = [0.0] * slots
     owners = [0] * len(shapes)
@@ -257,7 +257,7 @@ class _Exchange:
         return rows
 
     def across_replicas(self, rows: dict[int, Tensor], dtype: torch.dtype, device: torch.device) -> None:
-        """HSDP: all-gather over the replicate group adds the rows of the other replicas' results to `rows`."""
+        """HSDP: one all-gather over the replicate group adds the other replicas' result rows to `rows`."""
         me = self.me
         shares = [[i for owned in replica for i in owned] for replica in self.by_slot]
         sizes = [sum(self._size(i, me.rank) for i in share) for share in shares]

@@ -219,8 +219,8 @@ def _train(case: str, mesh, save_dir: str | None) -> dict:
 
 
 def _layer_on_hand_made_groups() -> dict:
-    """apply_to_whole_matrices with ShardInfos built by hand (no DTensor, no mesh) at world size 4: shard groups
-    {0, 1} and {2, 3}, replicate groups {0, 2} and {1, 3}; results against NS5 of the whole matrix, with bf16
+    """apply_to_whole_matrices with ShardInfos built by hand (no DTensor, no mesh) at world size 4: shard
+    groups {0, 1} and {2, 3}, replicate groups {0, 2} and {1, 3}; results against NS5 of the whole matrix, with bf16
     on the wire; the probe runs on exactly one rank."""
     rank = dist.get_rank()
     shard_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
