@@ -8,6 +8,7 @@ launcher prints it and exits with code 2 before anything is written.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -61,6 +62,9 @@ class OptimConfig:
     whitening: str | None = None
     sinkgd_iters: int | None = None
     comm_dtype: str | None = None  # dtype of row shards sent to Newton-Schulz owners; None = ns_dtype
+    # Apply each parameter's update during backward as soon as its gradient is complete and free the gradient
+    # (trainer/backward_update.py); needs no accumulation, grad_clip 0 and on_nonfinite stop.
+    update_in_backward: bool = False
 
 
 @dataclass
@@ -109,6 +113,9 @@ class MetricsConfig:
     log_every: int = 10
     tensorboard: bool = True
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 = detect known GPUs (none on CPU)
+    memory: bool = True  # per-rank memory by component: a table after the first step, memory/* on log steps
+    memory_snapshot_steps: str = ""  # CUDA allocator snapshots of these steps ("1-3", "2,10") in <run>/memory
+    profile_steps: str = ""  # torch.profiler traces of these steps in <run>/tb/profile (CPU and CUDA)
 
 
 @dataclass
@@ -161,6 +168,8 @@ NON_NEGATIVE = (
     "metrics.peak_tflops",
     "train.max_skips",
 )
+STEP_LISTS = ("metrics.memory_snapshot_steps", "metrics.profile_steps")
+STEP_LIST = re.compile(r"^(\d+(-\d+)?(,\d+(-\d+)?)*)?$")  # "", "3", "1-3", "2,5-7"
 UNIT_INTERVAL = (
     "train.warmup_ratio",
     "train.min_lr_ratio",
@@ -257,6 +266,9 @@ def _validate(cfg: Config, where: str) -> None:
             raise ConfigError(f"{key}: must be in [0, 1], got {get(key)} ({where})")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr: must be > 0, got {cfg.optim.lr} ({where})")
+    for key in STEP_LISTS:
+        if not STEP_LIST.match(get(key).replace(" ", "")):
+            raise ConfigError(f"{key}: expected steps like '3', '1-3' or '2,5-7', got {get(key)!r} ({where})")
     stage = cfg.parallel.zero_stage
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage: must be 0, 1, 2 or 3, got {stage} ({where})")

@@ -13,12 +13,14 @@ from torch import nn
 
 from models import Llama, flops_per_token, model_config, num_params
 from optim import build_optimizer
+from trainer.backward_update import BackwardUpdateEngine
 from trainer.checkpoint import Checkpointer, latest_checkpoint, restore_rng, rng_states
 from trainer.config import Config, ConfigError, save_config
 from trainer.data import build_loader
 from trainer.distributed import DistInfo, all_reduce_mean, build_mesh
 from trainer.engine import FSDP2Engine, causal_lm_loss
 from trainer.engine_deepspeed import DeepSpeedEngine
+from trainer.memory import MemoryTracker
 from trainer.metrics import MetricsLogger, detect_peak_tflops
 from trainer.parallel import apply_fsdp
 from trainer.schedule import lr_multiplier
@@ -107,7 +109,9 @@ def train(cfg: Config, dist_info: DistInfo) -> dict[str, Any]:
     except ValueError as err:
         raise ConfigError(f"optim: {err}") from None
 
-    if cfg.parallel.engine == "deepspeed":
+    if cfg.optim.update_in_backward:
+        engine = BackwardUpdateEngine(model, optimizer, cfg, batches.accumulation)
+    elif cfg.parallel.engine == "deepspeed":
         engine = DeepSpeedEngine(model, optimizer, cfg, batches.accumulation, dist_info.world_size)
     else:
         engine = FSDP2Engine(model, optimizer)
@@ -128,6 +132,7 @@ def train(cfg: Config, dist_info: DistInfo) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     log = MetricsLogger(run_dir, is_main, cfg.metrics.tensorboard, t.steps)
+    memory = MemoryTracker.from_config(cfg.metrics, model, optimizer, device, run_dir, log.info)
     if resume is not None:
         log.info(f"resumed from {resume} at step {step}")
     log.info(
@@ -150,6 +155,7 @@ def train(cfg: Config, dist_info: DistInfo) -> dict[str, Any]:
         logging_step = (step + 1) % cfg.metrics.log_every == 0 or step + 1 == t.steps
         optimizer.track_health = logging_step
 
+        memory.begin(step + 1)
         batch = loader.next_batch().to(device)
         loss_value = all_reduce_mean(engine.forward_backward(list(batch.split(batches.micro)))).item()
         norm = engine.grad_norm()
@@ -168,6 +174,7 @@ def train(cfg: Config, dist_info: DistInfo) -> dict[str, Any]:
         skips = 0
         engine.step(norm, t.grad_clip)
         step += 1
+        memory.end(step)
         tokens += tokens_per_step
         window_tokens += tokens_per_step
         last_loss = loss_value
@@ -184,6 +191,7 @@ def train(cfg: Config, dist_info: DistInfo) -> dict[str, Any]:
                 "tokens": tokens,
                 "tokens_per_s": tok_s,
                 **{f"optim/{k}": v for k, v in engine.health().items()},
+                **memory.metrics(),
             }
             if peak_flops:
                 values["mfu"] = flops_tok * tok_s / (peak_flops * dist_info.world_size)

@@ -1,0 +1,69 @@
+"""Measure training steps of a config in this process: what the memory benchmark and the planner's test read.
+
+Builds what train() builds (model, FSDP2, optimizer, engine) but feeds random tokens and runs a step or two,
+so a measurement needs no data and writes nothing. Call it on every rank of an initialised process group.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from optim import build_optimizer
+from trainer.backward_update import BackwardUpdateEngine
+from trainer.config import Config
+from trainer.distributed import DistInfo, build_mesh
+from trainer.engine import FSDP2Engine
+from trainer.memory import MemoryBreakdown, MemoryTracker, local_bytes, peak_tensor_bytes
+from trainer.parallel import apply_fsdp
+from trainer.train import Batches, build_model
+
+
+@dataclass
+class StepMeasurement:
+    components: MemoryBreakdown  # the trainer's accounting of the last step (peak: resident memory on CPU)
+    peak_tensor_bytes: int  # CPU: peak bytes of live tensors over all steps (allocator events), else 0
+    seconds: float  # per step
+
+
+def measure_steps(cfg: Config, info: DistInfo, steps: int = 1) -> StepMeasurement:
+    """`steps` steps of `cfg` on one random batch, measured by the trainer's MemoryTracker and (on CPU) by
+    the allocator's events; tensors alive before the first step (parameters, buffers, the batch) included.
+    The second step is the steady state (optimizer state exists during forward and backward)."""
+    batches = Batches.plan(cfg, info.world_size)
+    model = build_model(cfg, cfg.data.vocab_size, info.device)
+    apply_fsdp(
+        model,
+        build_mesh(info, cfg.parallel.dp_replicate, cfg.parallel.dp_shard),
+        mixed_precision=cfg.parallel.mixed_precision,
+        activation_checkpointing=cfg.parallel.activation_checkpointing,
+        compile=cfg.parallel.compile,
+    )
+    optimizer = build_optimizer(cfg.optim, model)
+    if cfg.optim.update_in_backward:
+        engine: FSDP2Engine = BackwardUpdateEngine(model, optimizer, cfg, batches.accumulation)
+    else:
+        engine = FSDP2Engine(model, optimizer)
+    tracker = MemoryTracker(model, optimizer, info.device, cfg.run_dir, info=lambda _: None)
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    batch = torch.randint(
+        0, model.cfg.vocab_size, (batches.local, cfg.train.seq_len + 1), generator=generator
+    )
+    batch = batch.to(info.device)
+    before = local_bytes([*model.parameters(), *model.buffers(), batch])
+    gc.collect()  # an earlier measurement's model freed inside the window would count as negative bytes
+    start = time.perf_counter()
+    cpu = info.device.type == "cpu"
+    with peak_tensor_bytes() if cpu else nullcontext({}) as allocated:
+        for step in range(1, steps + 1):
+            tracker.begin(step)
+            engine.forward_backward(list(batch.split(batches.micro)))
+            engine.step(engine.grad_norm(), cfg.train.grad_clip)
+            tracker.end(step)
+    seconds = (time.perf_counter() - start) / steps
+    peak = before + allocated["peak"] if cpu else 0
+    return StepMeasurement(tracker.last, peak, seconds)
