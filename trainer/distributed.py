@@ -46,6 +46,24 @@ def resolve_device(device: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def restart_safe_store(world_size: int, timeout: datetime.timedelta) -> dist.Store | None:
+    """Under `torchrun --max-restarts`, the workers share the agent's TCPStore, which keeps the keys of the
+    previous attempt: restarted workers would read the dead workers' addresses and fail to connect
+    (pytorch/pytorch#135712). A prefix per restart attempt gives every attempt clean keys. None: use the default.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=False,
+        timeout=timeout,
+    )
+    return dist.PrefixStore(f"/attempt_{attempt}", store)
+
+
 def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: int = 1800) -> DistInfo:
     """Initialise the default process group (nccl on GPU, gloo on CPU) and pick this rank's device."""
     if "RANK" not in os.environ:
@@ -58,7 +76,11 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: int
         backend = "nccl" if dev.type == "cuda" else "gloo"
     if not dist.is_initialized():
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = restart_safe_store(world, timeout)
+        if store is not None:
+            kwargs.update(store=store, rank=rank, world_size=world)
+        dist.init_process_group(backend, timeout=timeout, **kwargs)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=dev, backend=backend)
 
 

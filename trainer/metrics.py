@@ -35,19 +35,33 @@ class MetricsLogger:
     """Appends one JSON object per logged step and mirrors scalars to TensorBoard."""
 
     def __init__(
-        self, run_dir: Path, enabled: bool, tensorboard: bool, total_steps: int, stream: TextIO = sys.stdout
+        self,
+        run_dir: Path,
+        enabled: bool,
+        tensorboard: bool,
+        total_steps: int,
+        resumed_step: int = 0,
+        stream: TextIO = sys.stdout,
     ):
+        """`resumed_step`: the step of the checkpoint this run resumed from. Records logged after it by an
+        earlier attempt (steps that are about to be trained again) are dropped, so every step appears once."""
         self.enabled = enabled
         self.total_steps = total_steps
         self.stream = stream
         self._jsonl = None
         self._tb = None
         if enabled:
-            self._jsonl = (run_dir / "metrics.jsonl").open("a")
+            path = run_dir / "metrics.jsonl"
+            if path.is_file():
+                kept = [
+                    line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resumed_step
+                ]
+                path.write_text("".join(f"{line}\n" for line in kept))
+            self._jsonl = path.open("a")
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(log_dir=str(run_dir / "tb"))
+                self._tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=resumed_step + 1)
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:

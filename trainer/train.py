@@ -131,7 +131,7 @@ def train(cfg: Config, dist_info: DistInfo) -> dict[str, Any]:
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-    log = MetricsLogger(run_dir, is_main, cfg.metrics.tensorboard, t.steps)
+    log = MetricsLogger(run_dir, is_main, cfg.metrics.tensorboard, t.steps, resumed_step=step)
     memory = MemoryTracker.from_config(cfg.metrics, model, optimizer, device, run_dir, log.info)
     if resume is not None:
         log.info(f"resumed from {resume} at step {step}")
