@@ -1,6 +1,8 @@
 """Convergence benchmark: every optimizer on the same data and token budget, each with a small lr sweep around
 its spec default, run by the real trainer (one launch/pretrain.py process per run, world size 1).
 
+AdamW's grid runs first; every matrix optimizer then runs with its AdamW-routed params (embedding, head, norms)
+at AdamW's best lr, so what differs between optimizers is the matrix rule alone.
 Reports per optimizer its best final eval loss, the tokens it needed to reach AdamW's best final eval loss, the
 trainer-measured train time and the optimizer-state bytes; writes a markdown table and a PNG of eval loss against
 tokens. Resumable: a finished run (its result.json) is skipped, an interrupted one continues from its latest
@@ -24,6 +26,7 @@ import platform
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,7 +34,14 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from benchmarks.convergence_report import RunResult, markdown_table, plot, summarize  # noqa: E402
+from benchmarks.convergence_report import (  # noqa: E402
+    BASELINE,
+    RunResult,
+    best_run,
+    markdown_table,
+    plot,
+    summarize,
+)
 from benchmarks.trainer_runs import (  # noqa: E402
     EXIT_DIVERGED,
     EXIT_OK,
@@ -45,10 +55,10 @@ from benchmarks.trainer_runs import (  # noqa: E402
     run_parallel,
     train_seconds,
 )
-from trainer.config import Config, ConfigError, parse_overrides  # noqa: E402
+from trainer.config import CHOICES, Config, ConfigError, parse_overrides  # noqa: E402
 from trainer.data import DataError, build_loader, build_tokenizer  # noqa: E402
 
-OPTIMIZERS = ("adamw", "muon", "swan", "sinkgd", "normuon", "auon", "hybrid_auon")
+OPTIMIZERS = CHOICES["optim.name"]  # every optimizer the trainer knows, AdamW first
 # Around each optimizer's spec-default lr (the lr of its configs/<prefix>_<name>.yaml), rounded to 2 digits.
 LR_MULTIPLIERS = (1 / 3, 1.0, 3.0)
 # --quick: a tiny budget for smoke tests (defaults are for the full CPU run).
@@ -60,6 +70,10 @@ QUICK_OVERRIDES = (
     "--data.eval_sequences=8",
 )
 RESULT = "result.json"  # written into a run directory when the run has finished (or diverged)
+
+
+class SweepError(RuntimeError):
+    """The sweep cannot go on as asked (one line for the user)."""
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -99,10 +113,24 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     return args, overrides
 
 
-def sweep_runs(args: argparse.Namespace, overrides: list[str]) -> list[tuple[str, float, TrainerRun]]:
-    """(optimizer, lr, run) for the whole grid; every run shares data, model, budget and schedule."""
-    multipliers = [float(m) for m in args.lr_multipliers.split(",")]
-    common = [
+@dataclass
+class GridPoint:
+    """One (optimizer, lr) run of the sweep and its resolved config."""
+
+    optimizer: str
+    lr: float
+    run: TrainerRun
+    cfg: Config
+    status: str = "pending"  # then done | diverged | failed
+
+    def result(self) -> RunResult:
+        records = read_records(self.cfg.run_dir)
+        return RunResult(self.optimizer, self.lr, self.status, eval_curve(records), train_seconds(records))
+
+
+def common_overrides(args: argparse.Namespace, overrides: list[str]) -> list[str]:
+    """What every run shares: model, budget, eval points, checkpoints (for resume), where runs go."""
+    return [
         f"--model.name={args.model}",
         f"--train.steps={args.steps}",
         f"--train.eval_every={args.eval_every}",
@@ -113,15 +141,20 @@ def sweep_runs(args: argparse.Namespace, overrides: list[str]) -> list[tuple[str
         f"--train.runs_dir={args.runs_dir}",
         *overrides,
     ]
-    grid = []
-    for name in args.optimizers.split(","):
+
+
+def grid_points(args: argparse.Namespace, names: list[str], overrides: list[str]) -> list[GridPoint]:
+    """The lr grid of each named optimizer around the lr of its base config."""
+    multipliers = [float(m) for m in args.lr_multipliers.split(",")]
+    points = []
+    for name in names:
         config = f"{args.configs}_{name}"
         default_lr = TrainerRun(config, ()).resolved().optim.lr
         for m in multipliers:
             lr = float(f"{default_lr * m:.2g}")
-            run = TrainerRun(config, (*common, f"--optim.lr={lr}", f"--train.run_name={name}_lr{lr:g}"))
-            grid.append((name, lr, run))
-    return grid
+            run = TrainerRun(config, (*overrides, f"--optim.lr={lr}", f"--train.run_name={name}_lr{lr:g}"))
+            points.append(GridPoint(name, lr, run, run.resolved()))
+    return points
 
 
 def data_overrides(args: argparse.Namespace, sweep_dir: Path) -> list[str]:
@@ -142,29 +175,53 @@ def made_elsewhere(cfg: Config) -> bool:
     return saved.is_file() and yaml.safe_load(saved.read_text()) != cfg.to_dict()
 
 
-def execute(item: tuple[str, float, TrainerRun], threads: int | None) -> str:
+def execute(point: GridPoint, threads: int | None) -> str:
     """Run one grid point to completion (or skip it); its status: done | diverged | failed."""
-    name, _, run = item
-    cfg = run.resolved()
+    cfg = point.cfg
     result = cfg.run_dir / RESULT
     if result.is_file():
         print(f"skip {cfg.train.run_name}: finished earlier", flush=True)
         return json.loads(result.read_text())["status"]
     started = time.perf_counter()
     try:
-        code = launch(run, cfg.run_dir / "train.log", threads=threads)
+        code = launch(point.run, cfg.run_dir / "train.log", threads=threads)
     except RunBusy as err:
         print(f"{cfg.train.run_name}: {err}; left alone", flush=True)
         return "failed"
     status = {EXIT_OK: "done", EXIT_DIVERGED: "diverged"}.get(code, "failed")
     if status != "failed":
-        result.write_text(json.dumps({"status": status, "optimizer": name, "lr": cfg.optim.lr}) + "\n")
+        result.write_text(json.dumps({"status": status, "optimizer": point.optimizer, "lr": point.lr}) + "\n")
     print(
         f"{cfg.train.run_name}: {status} (exit {code}) in {time.perf_counter() - started:.0f} s; "
         f"log {cfg.run_dir / 'train.log'}",
         flush=True,
     )
     return status
+
+
+def run_sweep(args: argparse.Namespace, overrides: list[str]) -> tuple[list[GridPoint], float | None]:
+    """AdamW's grid first; then every matrix optimizer's, with its AdamW-routed params (embedding, head, norms)
+    at AdamW's best lr, so the comparison isolates the matrix rules (the same for every optimizer).
+    Returns the points and that lr (None: no AdamW baseline ran). Raises SweepError."""
+    names = args.optimizers.split(",")
+    points: list[GridPoint] = []
+    adamw_lr = None
+    for phase in ([n for n in names if n == BASELINE], [n for n in names if n != BASELINE]):
+        extra = [] if adamw_lr is None else [f"--optim.adamw_lr={adamw_lr}"]
+        new = grid_points(args, phase, [*overrides, *extra])
+        elsewhere = [str(p.cfg.run_dir) for p in new if made_elsewhere(p.cfg)]
+        if elsewhere:
+            raise SweepError(
+                f"made with other settings (delete or use another --runs-dir): {', '.join(elsewhere)}"
+            )
+        statuses = run_parallel(lambda p: execute(p, args.threads or None), new, args.jobs)
+        for point, status in zip(new, statuses, strict=True):
+            point.status = status
+        points += new
+        if phase == [BASELINE]:
+            best = best_run([p.result() for p in new])
+            adamw_lr = best.lr if best is not None else None
+    return points, adamw_lr
 
 
 def machine() -> str:
@@ -180,34 +237,35 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores (torch {torch.__version__}, CPU)"
 
 
-def report(args: argparse.Namespace, grid: list, configs: list[Config], statuses: list[str]) -> str:
+def report(args: argparse.Namespace, points: list[GridPoint], adamw_lr: float | None) -> str:
     """Read every run back, write the markdown table and the plot into args.out; the report's text."""
-    first = configs[0]
+    first = points[0].cfg
     loader = build_loader(
         first.data, seq_len=first.train.seq_len, global_batch_size=1, rank=0, world_size=1, run_dir=None
     )
     state: dict[str, StateBytes] = {}
-    results = []
-    for (name, lr, _), cfg, status in zip(grid, configs, statuses, strict=True):
-        if name not in state:
-            state[name] = optimizer_state_bytes(cfg, loader.vocab_size)
-        records = read_records(cfg.run_dir)
-        results.append(RunResult(name, lr, status, eval_curve(records), train_seconds(records)))
-    summaries = summarize(results, state)
+    for p in points:
+        if p.optimizer not in state:
+            state[p.optimizer] = optimizer_state_bytes(p.cfg, loader.vocab_size)
+    summaries = summarize([p.result() for p in points], state)
     t, floor = first.train, loader.entropy_floor
     setting = (
-        f"{first.model.name} ({state[grid[0][0]].params / 1e6:.2f}M params), data {first.data.source}, "
+        f"{first.model.name} ({state[points[0].optimizer].params / 1e6:.2f}M params), data {first.data.source}, "
         f"{t.steps} steps x {t.global_batch_size} x {t.seq_len} tokens, {t.schedule} schedule"
     )
     if floor is not None:
         setting += f"; entropy floor {floor:.4f} nats/token"
+    routed = (
+        f"AdamW's best lr ({adamw_lr:g})"
+        if adamw_lr is not None
+        else "the lr of their base config (no AdamW baseline ran)"
+    )
     command = shlex.join(["python", "benchmarks/convergence.py", *args.argv])
-    threads = args.threads or "default"
     text = "\n".join(
         [
-            f"Setting: {setting}",
+            f"Setting: {setting}. The matrix optimizers' AdamW-routed params (embedding, head, norms) use {routed}.",
             f"Command: `{command}`",
-            f"Machine: {machine()}; {args.jobs} run(s) at a time, {threads} thread(s) each",
+            f"Machine: {machine()}; {args.jobs} run(s) at a time, {args.threads or 'default'} thread(s) each",
             "",
             markdown_table(summaries, t.steps * t.global_batch_size * t.seq_len),
         ]
@@ -222,29 +280,19 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
     args.runs_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
     try:
-        grid = sweep_runs(args, [*data_overrides(args, args.runs_dir), *overrides])
-        configs = [run.resolved() for _, _, run in grid]
-    except (ConfigError, DataError) as err:
+        common = common_overrides(args, [*data_overrides(args, args.runs_dir), *overrides])
+        points, adamw_lr = run_sweep(args, common)
+    except (ConfigError, DataError, SweepError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    elsewhere = [str(cfg.run_dir) for cfg in configs if made_elsewhere(cfg)]
-    if elsewhere:
-        print(
-            f"error: made with other settings (delete them or use another --runs-dir): {', '.join(elsewhere)}",
-            file=sys.stderr,
-        )
-        return 2
-    started = time.perf_counter()
-    print(f"{len(grid)} runs in {args.runs_dir}, {args.jobs} at a time", flush=True)
-    try:
-        statuses = run_parallel(lambda item: execute(item, args.threads or None), grid, args.jobs)
     except KeyboardInterrupt:
         print("interrupted: run the same command again to continue the sweep", file=sys.stderr)
         return 130
-    print(report(args, grid, configs, statuses))
+    print(report(args, points, adamw_lr))
     print(f"\nwrote {args.out}/convergence.md and convergence.png ({time.perf_counter() - started:.0f} s)")
-    failed = [cfg.train.run_name for cfg, s in zip(configs, statuses, strict=True) if s == "failed"]
+    failed = [p.cfg.train.run_name for p in points if p.status == "failed"]
     if failed:
         print(f"failed runs (see their train.log; re-run to retry): {', '.join(failed)}", file=sys.stderr)
         return 1

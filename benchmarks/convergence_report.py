@@ -36,14 +36,19 @@ class OptimizerSummary:
 
     @property
     def best(self) -> RunResult | None:
-        finished = [r for r in self.runs if r.final_loss is not None]
-        return min(finished, key=lambda r: r.final_loss) if finished else None
+        return best_run(self.runs)
 
     @property
     def best_at_edge(self) -> bool:
         """The best lr is the smallest or largest of the grid: a wider sweep might find a better one."""
         best = self.best
         return best is not None and len(self.runs) > 1 and (best is self.runs[0] or best is self.runs[-1])
+
+
+def best_run(runs: list[RunResult]) -> RunResult | None:
+    """The finished run with the lowest final eval loss."""
+    finished = [r for r in runs if r.final_loss is not None]
+    return min(finished, key=lambda r: r.final_loss) if finished else None
 
 
 def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:

@@ -22,9 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from benchmarks.trainer_runs import EXIT_OK, TrainerRun, launch, read_records, series  # noqa: E402
-from trainer.config import ConfigError, parse_overrides  # noqa: E402
+from trainer.config import CHOICES, ConfigError, parse_overrides  # noqa: E402
 
-OPTIMIZERS = ("adamw", "muon", "swan", "sinkgd", "normuon", "auon", "hybrid_auon")
+OPTIMIZERS = CHOICES["optim.name"]  # every optimizer the trainer knows, AdamW first
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:

@@ -35,6 +35,8 @@ def test_convergence_quick_writes_table_and_plot_and_resumes(tmp_path: Path) -> 
     png = (out / "convergence.png").read_bytes()
     assert png.startswith(b"\x89PNG") and 10_000 < len(png) < 200_000
     assert "entropy floor 1.8343" in table  # the generated corpus's closed-form floor (vocab 512, seed 1234)
+    assert "use AdamW's best lr (0.003)" in table  # sinkgd ran after AdamW's grid, with its lr for embeddings
+    assert "adamw_lr: 0.003" in (runs / "sinkgd_lr0.001" / "config.yaml").read_text()
     adamw, sinkgd = logged(runs / "adamw_lr0.003", "eval/loss"), logged(runs / "sinkgd_lr0.001", "eval/loss")
     assert len(adamw) == len(sinkgd) == 3  # 12 steps, an eval every 4
     rows = {line.split(" | ")[0][2:]: line for line in table.splitlines() if line.startswith("| ")}
@@ -45,9 +47,7 @@ def test_convergence_quick_writes_table_and_plot_and_resumes(tmp_path: Path) -> 
 
     # Second invocation: adamw finished (skipped); sinkgd looks interrupted (no result.json), so the trainer
     # resumes it from its latest checkpoint (the last step): nothing is trained again, the report is identical.
-    metrics = {
-        d: (d / "metrics.jsonl").read_text() for d in runs.iterdir() if d.is_dir() and d.name != "results"
-    }
+    metrics = {d: (d / "metrics.jsonl").read_text() for d in runs.iterdir() if d.is_dir()}
     (runs / "sinkgd_lr0.001" / "result.json").unlink()
     second = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
