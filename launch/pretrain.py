@@ -13,10 +13,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from trainer.data import DataError  # noqa: E402
-
 from trainer.checkpoint import CheckpointError  # noqa: E402
 from trainer.config import ConfigError, load_config  # noqa: E402
+from trainer.data import DataError  # noqa: E402
 
 USAGE_ERRORS = (ConfigError, DataError, CheckpointError)
 
@@ -24,6 +23,7 @@ USAGE_ERRORS = (ConfigError, DataError, CheckpointError)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--config", required=True, help="a name in configs/ (e.g. tiny_swan.yaml) or a path")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed's launcher
     args, overrides = parser.parse_known_args(argv)
     try:
         cfg = load_config(args.config, overrides)

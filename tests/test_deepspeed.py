@@ -51,6 +51,7 @@ def _assert_same_run(got: dict[str, list[float]], reference: dict[str, list[floa
 def test_zero_stages_0_2_3_with_adamw_give_the_fsdp2_losses(tmp_path) -> None:
     runs = [("fsdp2", "tiny_adamw.yaml", [])]
     runs += [(f"zero{s}", "tiny_adamw.yaml", [*DEEPSPEED, f"--parallel.zero_stage={s}"]) for s in (0, 2, 3)]
+    runs[2][2].append("--parallel.activation_checkpointing=true")  # recomputed blocks under ZeRO-2: same numbers
     results = run_distributed(_train_all, 2, tmp_path, runs)
     reference = results.pop("fsdp2")
     assert len(reference["loss"]) == 5 and reference["loss"][-1] < reference["loss"][0]
@@ -163,7 +164,7 @@ def pretrain(*args: str, launcher: list[str], cwd: Path = ROOT) -> subprocess.Co
 
 @pytest.mark.slow
 def test_deepspeed_launcher_runs_zero_3_with_metrics_tensorboard_and_checkpoints(tmp_path) -> None:
-    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus=2", "--no_local_rank"]
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus=2"]  # passes --local_rank
     launcher.append(f"--master_port={free_port()}")
     result = pretrain(
         "--config", "tiny_adamw.yaml", f"--train.runs_dir={tmp_path}", "--train.steps=4", "--metrics.log_every=2",
@@ -226,10 +227,7 @@ def test_a_matrix_rule_never_holds_a_flattened_partition() -> None:
             ["--parallel.dp_replicate=2"],
             "parallel.dp_replicate / dp_shard (HSDP) need parallel.engine=fsdp2; DeepSpeed shards over all ranks",
         ),
-        (
-            ["--parallel.activation_checkpointing=true"],
-            "parallel.activation_checkpointing and parallel.compile need parallel.engine=fsdp2 for now",
-        ),
+        (["--parallel.activation_checkpointing=true"], None),
     ],
 )
 def test_settings_deepspeed_cannot_honour_are_named(overrides, problem) -> None:

@@ -59,8 +59,6 @@ def unsupported(cfg: Config, world_size: int) -> str | None:
     p = cfg.parallel
     if p.dp_replicate != 1 or p.dp_shard not in (-1, world_size):
         return "parallel.dp_replicate / dp_shard (HSDP) need parallel.engine=fsdp2; DeepSpeed shards over all ranks"
-    if p.activation_checkpointing or p.compile:
-        return "parallel.activation_checkpointing and parallel.compile need parallel.engine=fsdp2 for now"
     return deepspeed_support_error(p.zero_stage, cfg.optim.name)
 
 

@@ -21,6 +21,17 @@ def mixed_precision_policy(mode: str, device: torch.device) -> MixedPrecisionPol
     return None
 
 
+def wrap_blocks(model: nn.Module, *, activation_checkpointing: bool = False, compile: bool = False) -> nn.Module:
+    """Activation checkpointing and torch.compile per transformer block (both engines use this)."""
+    for index, block in enumerate(model.layers):
+        if activation_checkpointing:
+            block = checkpoint_wrapper(block, preserve_rng_state=False)
+        if compile:
+            block = torch.compile(block)
+        model.layers[index] = block
+    return model
+
+
 def apply_fsdp(
     model: nn.Module,
     mesh: DeviceMesh,
@@ -33,12 +44,8 @@ def apply_fsdp(
     device = torch.device(mesh.device_type)
     policy = mixed_precision_policy(mixed_precision, device)
     kwargs = {"mesh": mesh, **({"mp_policy": policy} if policy else {})}
+    wrap_blocks(model, activation_checkpointing=activation_checkpointing, compile=compile)
     for index, block in enumerate(model.layers):
-        if activation_checkpointing:
-            block = checkpoint_wrapper(block, preserve_rng_state=False)
-        if compile:
-            block = torch.compile(block)
-        model.layers[index] = block
         # The last block's parameters are needed right away by backward: keep them gathered after forward.
         fully_shard(block, reshard_after_forward=index < len(model.layers) - 1, **kwargs)
     fully_shard(model, **kwargs)

@@ -22,7 +22,7 @@ from trainer.engine import FSDP2Engine, causal_lm_loss
 from trainer.engine_deepspeed import DeepSpeedEngine
 from trainer.memory import MemoryTracker
 from trainer.metrics import MetricsLogger, detect_peak_tflops
-from trainer.parallel import apply_fsdp
+from trainer.parallel import apply_fsdp, wrap_blocks
 from trainer.schedule import lr_multiplier
 
 
@@ -95,15 +95,18 @@ def train(cfg: Config, dist_info: DistInfo) -> dict[str, Any]:
     )
     model = build_model(cfg, loader.vocab_size, device)
     n_params, flops_tok = num_params(model.cfg), flops_per_token(model.cfg, t.seq_len)
-    if cfg.parallel.engine == "fsdp2":  # the DeepSpeed engine takes the plain model
-        mesh = build_mesh(dist_info, cfg.parallel.dp_replicate, cfg.parallel.dp_shard)
+    par = cfg.parallel
+    if par.engine == "fsdp2":
+        mesh = build_mesh(dist_info, par.dp_replicate, par.dp_shard)
         apply_fsdp(
             model,
             mesh,
-            mixed_precision=cfg.parallel.mixed_precision,
-            activation_checkpointing=cfg.parallel.activation_checkpointing,
-            compile=cfg.parallel.compile,
+            mixed_precision=par.mixed_precision,
+            activation_checkpointing=par.activation_checkpointing,
+            compile=par.compile,
         )
+    else:  # DeepSpeed takes the (block-wrapped) plain model
+        wrap_blocks(model, activation_checkpointing=par.activation_checkpointing, compile=par.compile)
     try:
         optimizer = build_optimizer(cfg.optim, model)
     except ValueError as err:
