@@ -23,7 +23,8 @@ USAGE_ERRORS = (ConfigError, DataError, CheckpointError)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--config", required=True, help="a name in configs/ (e.g. tiny_swan.yaml) or a path")
-    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed's launcher
+    # The deepspeed launcher passes --local_rank; LOCAL_RANK in the environment is what we use.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args(argv)
     try:
         cfg = load_config(args.config, overrides)

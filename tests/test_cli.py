@@ -27,8 +27,14 @@ def pretrain(*args: str, nproc: int = 0, cwd: Path = ROOT) -> subprocess.Complet
 @pytest.mark.slow
 def test_torchrun_two_processes_trains_logs_and_checkpoints(tmp_path: Path) -> None:
     result = pretrain(
-        "--config", "tiny_adamw.yaml", f"--train.runs_dir={tmp_path}", "--train.steps=30",
-        "--metrics.log_every=5", "--train.eval_every=15", "--checkpoint.every=15", nproc=2,
+        "--config",
+        "tiny_adamw.yaml",
+        f"--train.runs_dir={tmp_path}",
+        "--train.steps=30",
+        "--metrics.log_every=5",
+        "--train.eval_every=15",
+        "--checkpoint.every=15",
+        nproc=2,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "tiny_adamw"
@@ -68,11 +74,16 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path: Path, args
 
 def test_global_batch_not_divisible_by_world_size_is_a_usage_error(tmp_path: Path) -> None:
     result = pretrain(
-        "--config", "tiny_adamw.yaml", f"--train.runs_dir={tmp_path}", "--train.global_batch_size=12",
-        "--train.micro_batch_size=4", nproc=2,
+        "--config",
+        "tiny_adamw.yaml",
+        f"--train.runs_dir={tmp_path}",
+        "--train.global_batch_size=12",
+        "--train.micro_batch_size=4",
+        nproc=2,
     )
     assert result.returncode != 0
-    assert "error: train.global_batch_size (12) must be a multiple of train.micro_batch_size (4) x world size (2)" in (
-        result.stderr
+    assert (
+        "error: train.global_batch_size (12) must be a multiple of train.micro_batch_size (4) x world size (2)"
+        in (result.stderr)
     )
     assert list(tmp_path.iterdir()) == []

@@ -21,7 +21,9 @@ def mixed_precision_policy(mode: str, device: torch.device) -> MixedPrecisionPol
     return None
 
 
-def wrap_blocks(model: nn.Module, *, activation_checkpointing: bool = False, compile: bool = False) -> nn.Module:
+def wrap_blocks(
+    model: nn.Module, *, activation_checkpointing: bool = False, compile: bool = False
+) -> nn.Module:
     """Activation checkpointing and torch.compile per transformer block (both engines use this)."""
     for index, block in enumerate(model.layers):
         if activation_checkpointing:
