@@ -32,3 +32,12 @@ def test_accumulation_and_activation_checkpointing_do_not_change_losses(tmp_path
     (tmp_path / "ws2").rename(tmp_path / "plain")
     checkpointed = _losses(tmp_path, 2, ["--parallel.activation_checkpointing=true"])
     assert checkpointed == pytest.approx(plain, rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager_ones(tmp_path) -> None:
+    # torch.compile (inductor, CPU here) fuses kernels, so the agreement is to float rounding, not bitwise.
+    eager = _losses(tmp_path, 1, ["--train.steps=3"])
+    (tmp_path / "ws1").rename(tmp_path / "eager")
+    compiled = _losses(tmp_path, 1, ["--train.steps=3", "--parallel.compile=true"])
+    assert compiled == pytest.approx(eager, rel=1e-4)
