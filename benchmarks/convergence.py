@@ -11,8 +11,8 @@ checkpoint through the trainer's own resume; a run directory made with other set
     python benchmarks/convergence.py                 # CPU default: llama_tiny, generated corpus, 7 x 3 runs
     python benchmarks/convergence.py --quick         # smoke test: a few steps, seconds per run
     python benchmarks/convergence.py --data my.txt   # local text (a BPE tokenizer trained once, shared)
-    python benchmarks/convergence.py --model llama_60m --steps 10000 --jobs 1 --threads 0 \\
-        --train.global_batch_size=256 --train.micro_batch_size=64 --parallel.device=cuda   # on a GPU
+    python benchmarks/convergence.py --model llama_60m --model.vocab_size=512 --steps 10000 --jobs 1 \\
+        --threads 0 --train.global_batch_size=256 --train.micro_batch_size=64 --parallel.device=cuda  # GPU
 
 Any `--section.key=value` argument is passed to every run as a trainer config override.
 """
@@ -204,6 +204,7 @@ def run_sweep(args: argparse.Namespace, overrides: list[str]) -> tuple[list[Grid
     at AdamW's best lr, so the comparison isolates the matrix rules (the same for every optimizer).
     Returns the points and that lr (None: no AdamW baseline ran). Raises SweepError."""
     names = args.optimizers.split(",")
+    grid_points(args, names, overrides)  # every config resolves before the first run
     points: list[GridPoint] = []
     adamw_lr = None
     for phase in ([n for n in names if n == BASELINE], [n for n in names if n != BASELINE]):
@@ -219,6 +220,9 @@ def run_sweep(args: argparse.Namespace, overrides: list[str]) -> tuple[list[Grid
             point.status = status
         points += new
         if phase == [BASELINE]:
+            failed = [p.cfg.train.run_name for p in new if p.status == "failed"]
+            if failed:  # its best lr would be a guess, and would change once they are fixed
+                raise SweepError(f"AdamW baseline runs failed ({', '.join(failed)}): see their train.log")
             best = best_run([p.result() for p in new])
             adamw_lr = best.lr if best is not None else None
     return points, adamw_lr

@@ -1,7 +1,8 @@
 """Training throughput of one config for every optimizer against AdamW: tokens/s, step time and MFU as the trainer
 itself measures and logs them (one launch/pretrain.py run per optimizer, one at a time, fresh run directories).
 
-The first logged window (start-up, allocator and kernel warm-up) is left out; the median of the rest is reported.
+The first logged window of each run (start-up, allocator and kernel warm-up) is left out; the median of the rest,
+over --repeats rounds, is reported.
 MFU needs the device's peak FLOP/s: known GPUs are detected by the trainer, elsewhere pass
 `--metrics.peak_tflops=X`; on CPU the tokens/s ratios are the useful part.
 
@@ -17,6 +18,7 @@ import argparse
 import shutil
 import statistics
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
@@ -35,6 +37,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--configs", default="tiny", help="configs/<CONFIGS>_<optimizer>.yaml")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--log-every", type=int, default=10, help="steps per timing window")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds over all optimizers (noisy machines)")
     parser.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun when > 1)")
     parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS per process; 0 = inherit")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/throughput"))
@@ -50,8 +53,28 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     return args, overrides
 
 
-def measure(name: str, args: argparse.Namespace, overrides: list[str]) -> dict[str, float] | None:
-    """Median tokens/s (and MFU when logged) of one optimizer's run after the warm-up window; None if it failed."""
+@dataclass
+class Windows:
+    """One optimizer's timing windows (after each run's warm-up window), over all rounds."""
+
+    tokens_per_step: int = 0
+    rates: list[float] = field(default_factory=list)  # tokens/s
+    mfus: list[float] = field(default_factory=list)
+    failed: bool = False
+
+    def summary(self) -> dict[str, float] | None:
+        if self.failed or not self.rates:
+            return None
+        tok_s = statistics.median(self.rates)
+        return {
+            "tokens_per_s": tok_s,
+            "step_ms": 1e3 * self.tokens_per_step / tok_s,
+            "mfu": statistics.median(self.mfus) if self.mfus else float("nan"),
+        }
+
+
+def measure(name: str, args: argparse.Namespace, overrides: list[str], into: Windows) -> None:
+    """One fresh run of an optimizer; its windows after the warm-up one are added to `into`."""
     run = TrainerRun(
         f"{args.configs}_{name}",
         (
@@ -70,17 +93,12 @@ def measure(name: str, args: argparse.Namespace, overrides: list[str]) -> dict[s
     code = launch(run, cfg.run_dir / "train.log", nproc=args.nproc, threads=args.threads or None)
     if code != EXIT_OK:
         print(f"{name}: failed (exit {code}); see {cfg.run_dir / 'train.log'}", file=sys.stderr)
-        return None
+        into.failed = True
+        return
     records = read_records(cfg.run_dir)
-    rates = [v for _, v in series(records, "tokens_per_s")[1:]]
-    mfus = [v for _, v in series(records, "mfu")[1:]]
-    tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
-    tok_s = statistics.median(rates)
-    return {
-        "tokens_per_s": tok_s,
-        "step_ms": 1e3 * tokens_per_step / tok_s,
-        "mfu": statistics.median(mfus) if mfus else float("nan"),
-    }
+    into.tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
+    into.rates += [v for _, v in series(records, "tokens_per_s")[1:]]
+    into.mfus += [v for _, v in series(records, "mfu")[1:]]
 
 
 def table(results: dict[str, dict[str, float] | None]) -> str:
@@ -98,14 +116,19 @@ def table(results: dict[str, dict[str, float] | None]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
-    results: dict[str, dict[str, float] | None] = {}
+    names = args.optimizers.split(",")
+    windows = {name: Windows() for name in names}
     try:
-        for name in args.optimizers.split(","):
-            results[name] = measure(name, args, overrides)
-            print(f"{name}: done", flush=True)
+        for name in names:  # every config resolves before the first run
+            TrainerRun(f"{args.configs}_{name}", tuple(overrides)).resolved()
+        for round_ in range(args.repeats):  # alternate the order so a drifting machine load hits all alike
+            for name in names if round_ % 2 == 0 else names[::-1]:
+                measure(name, args, overrides, windows[name])
+                print(f"round {round_ + 1}/{args.repeats}: {name} measured", flush=True)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    results = {name: w.summary() for name, w in windows.items()}
     text = table(results)
     print(text)
     if args.out:
