@@ -283,7 +283,6 @@ def report(args: argparse.Namespace, points: list[GridPoint], adamw_lr: float | 
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
-    args.runs_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     try:
         common = common_overrides(args, [*data_overrides(args, args.runs_dir), *overrides])
