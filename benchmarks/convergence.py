@@ -8,7 +8,7 @@ trainer-measured train time and the optimizer-state bytes; writes a markdown tab
 tokens. Resumable: a finished run (its result.json) is skipped, an interrupted one continues from its latest
 checkpoint through the trainer's own resume; a run directory made with other settings is an error, never mixed in.
 
-    python benchmarks/convergence.py                 # CPU default: llama_tiny, generated corpus, 7 x 3 runs
+    python benchmarks/convergence.py                 # CPU default: llama_tiny, generated order-2 corpus, 7 x 3 runs
     python benchmarks/convergence.py --quick         # smoke test: a few steps, seconds per run
     python benchmarks/convergence.py --data my.txt   # local text (a BPE tokenizer trained once, shared)
     python benchmarks/convergence.py --model llama_60m --model.vocab_size=512 --steps 10000 --jobs 1 \\
@@ -157,10 +157,17 @@ def grid_points(args: argparse.Namespace, names: list[str], overrides: list[str]
     return points
 
 
+# The generated corpus at order 2 over 64 tokens: the next token depends on the last two, so a bigram model
+# (embedding + head, AdamW in every optimizer) is stuck near ln 64 and only the hidden matrices (attention + MLP,
+# the matrix rules' job) take the loss down toward the floor. Order 1 would not tell the matrix rules apart.
+GENERATED = ["--data.vocab_size=64", "--data.generated_order=2"]
+
+
 def data_overrides(args: argparse.Namespace, sweep_dir: Path) -> list[str]:
-    """Local text: one BPE tokenizer trained here (the trainer's own training code) and shared by every run."""
+    """Generated: GENERATED. Local text: one BPE tokenizer trained here (the trainer's own training code) and
+    shared by every run."""
     if args.data == "generated":
-        return []
+        return list(GENERATED)
     source = str(Path(args.data).expanduser().resolve())
     cfg = TrainerRun(f"{args.configs}_adamw", (f"--data.source={source}",)).resolved()
     tokenizer = sweep_dir / "tokenizer.json"

@@ -36,6 +36,7 @@ def make_cfg(**overrides) -> SimpleNamespace:
         tokenizer="",
         vocab_size=512,
         generated_seed=1234,
+        generated_order=1,
         eval_sequences=64,
     )
     return SimpleNamespace(**{**base, **overrides})
@@ -302,6 +303,19 @@ def test_entropy_floor_of_hand_checkable_chains():
     np.testing.assert_array_equal(nxt[inside], one_successor.successors[prev[inside], 0])  # deterministic
     two_even = MarkovCorpus(16, 0, branching=2, zipf_exponent=0.0, eos_prob=0.5)
     assert two_even.entropy_floor == pytest.approx(1.5 * math.log(2), abs=1e-12)  # h(1/2) + 1/2 ln 2
+
+
+def test_order_2_successors_depend_on_the_last_two_tokens():
+    corpus = MarkovCorpus(16, 3, branching=2, eos_prob=0.05, order=2)
+    tokens, _ = corpus.chunk(split_id=0, index=0)
+    prev2, prev1, nxt = tokens[:-2], tokens[1:-1], tokens[2:]
+    inside = (prev2 != EOS_ID) & (prev1 != EOS_ID) & (nxt != EOS_ID)
+    legal = (corpus.successors[prev2 * 16 + prev1] == nxt[:, None]).any(axis=1)
+    assert legal[inside].all()  # every token is a successor of its two-token context
+    # ... and not of its one-token context alone: the order-1 view of the same stream is much less predictable.
+    one_token_successors = {(a, b) for a, b in zip(prev1[inside], nxt[inside], strict=True)}
+    assert len(one_token_successors) > 2 * 15  # far more than branching=2 successors per single token
+    assert corpus.entropy_floor == MarkovCorpus(16, 3, branching=2, eos_prob=0.05).entropy_floor
 
 
 def test_entropy_floor_is_the_true_models_loss_on_the_stream():

@@ -41,6 +41,7 @@ class DataConfig:
     tokenizer: str = ""  # "" = none for generated data, else a BPE trained on the source; path; or hub name
     vocab_size: int = 512  # generated corpus vocabulary and BPE target size
     generated_seed: int = 1234
+    generated_order: int = 1  # the next token depends on the last 1 or 2 (2: needs attention + MLP)
     eval_sequences: int = 64
 
 
@@ -264,6 +265,8 @@ def _validate(cfg: Config, where: str) -> None:
     for key in UNIT_INTERVAL:
         if not 0.0 <= get(key) <= 1.0:
             raise ConfigError(f"{key}: must be in [0, 1], got {get(key)} ({where})")
+    if cfg.data.generated_order not in (1, 2):
+        raise ConfigError(f"data.generated_order: must be 1 or 2, got {cfg.data.generated_order} ({where})")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr: must be > 0, got {cfg.optim.lr} ({where})")
     for key in STEP_LISTS:

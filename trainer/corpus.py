@@ -4,15 +4,20 @@ Why not uniform random tokens: they teach nothing (the loss sits at ln V). This 
 learns in a few hundred steps and a best achievable loss known in closed form, so a loss curve can be judged
 against its floor instead of eyeballed.
 
-The source. Token 0 is EOS. Every context c (EOS included) has K distinct successors succ[c, 0..K-1] drawn from
-1..V-1. The next token is EOS with probability q, else succ[c, k] with probability (1 - q) p_k, p_k ~ (k+1)^-s.
-A document is the run of tokens between two EOS: its length is geometric (mean (1 - q) / q non-EOS tokens) and it
-starts from context EOS, so documents are i.i.d. and their concatenation is exactly one sample path of the chain.
+The source. Token 0 is EOS. A context c is the last `order` tokens (1 or 2; a document's first tokens see EOS
+before them). Every context has K distinct successors succ[c, 0..K-1] drawn from 1..V-1. The next token is EOS
+with probability q, else succ[c, k] with probability (1 - q) p_k, p_k ~ (k+1)^-s. A document is the run of tokens
+between two EOS: its length is geometric (mean (1 - q) / q non-EOS tokens) and it starts from context EOS, so
+documents are i.i.d. and their concatenation is exactly one sample path of the chain.
 
-Entropy floor, exact and in closed form: every context has the same next-token distribution up to relabelling,
-so each token's conditional entropy given its predecessor is h(q) + (1 - q) H(p) at every position, whatever the
-stationary distribution. A packed row keeps every target's predecessor inside the row, so an order-1 model can
-reach this loss on every target, and no model can beat it in expectation.
+Entropy floor, in closed form: every context has the same next-token distribution up to relabelling, so each
+token's conditional entropy given its context is h(q) + (1 - q) H(p) at every position, whatever the stationary
+distribution. With order 1 a packed row keeps every target's predecessor inside the row, so a model can reach
+this loss on every target, and no model can beat it in expectation. With order 2 the same holds except for the
+first target of each row (its second predecessor lies in the previous row): the floor is then a lower bound,
+tight to within 1/seq_len of a nat. Order 1 is learnable by a bigram model (embedding and head alone); order 2
+needs attention over two positions and an MLP that stores V^2 contexts, so it exercises the hidden matrices that
+the matrix optimizers train (the convergence benchmark uses it).
 
 Speed: documents come in chunks of DOCS_PER_CHUNK, each chunk seeded by (seed, split, chunk index), so any
 document is reachable by generating one chunk (exact, cheap resume). Inside a chunk all documents advance one
@@ -39,6 +44,7 @@ class MarkovCorpus:
         branching: int = 8,
         zipf_exponent: float = 1.0,
         eos_prob: float = 1 / 256,
+        order: int = 1,
     ):
         if not 1 <= branching <= vocab_size - 1:
             raise ValueError(
@@ -46,13 +52,17 @@ class MarkovCorpus:
             )
         if not 0 < eos_prob < 1:
             raise ValueError(f"eos_prob must be in (0, 1), got {eos_prob}")
-        self.vocab_size, self.seed, self.eos_prob = vocab_size, seed, eos_prob
+        if order not in (1, 2):
+            raise ValueError(f"order must be 1 or 2, got {order}")
+        self.vocab_size, self.seed, self.eos_prob, self.order = vocab_size, seed, eos_prob, order
         weights = np.arange(1, branching + 1, dtype=np.float64) ** -zipf_exponent
         self.rank_probs = weights / weights.sum()
         self._cdf = np.cumsum(self.rank_probs)
         self._cdf[-1] = 1.0
+        # Row c of the table: context c = prev2 * V + prev1 (order 2) or prev1 (order 1).
+        table_key = [seed, _TABLE_STREAM] if order == 1 else [seed, _TABLE_STREAM, order]
         self.successors = _distinct_successors(
-            np.random.default_rng([seed, _TABLE_STREAM]), vocab_size, branching
+            np.random.default_rng(table_key), vocab_size**order, branching, vocab_size
         )
         q, p = eos_prob, self.rank_probs
         self.entropy_floor = float(-q * np.log(q) - (1 - q) * np.log1p(-q) - (1 - q) * np.sum(p * np.log(p)))
@@ -80,19 +90,21 @@ class MarkovCorpus:
         live = np.searchsorted(-sorted_len, -np.arange(sorted_len[0]), side="left")  # docs longer than t
         pos = (ends - lengths - 1)[order]  # each document's first slot, longest document first
         prev = np.full(DOCS_PER_CHUNK, EOS_ID, dtype=np.int64)
+        context = prev.copy()  # EOS, or (EOS, EOS) = 0 for order 2
         flat = self.successors.ravel()
-        width = self.successors.shape[1]
+        width, vocab = self.successors.shape[1], self.vocab_size
         for m in live:
-            pos, prev = pos[:m], prev[:m]
-            prev = flat[prev * width + ranks[pos]]
+            pos, prev, context = pos[:m], prev[:m], context[:m]
+            prev = flat[context * width + ranks[pos]]
+            context = (context % vocab) * vocab + prev if self.order == 2 else prev
             tokens[pos] = prev
             pos = pos + 1
         return tokens, ends
 
 
-def _distinct_successors(rng: np.random.Generator, vocab_size: int, k: int) -> np.ndarray:
-    """[vocab_size, k] table, each row k distinct ids from 1..vocab_size-1 (rejection sampling, vectorized)."""
-    table = rng.integers(1, vocab_size, size=(vocab_size, k))
+def _distinct_successors(rng: np.random.Generator, rows: int, k: int, vocab_size: int) -> np.ndarray:
+    """[rows, k] table, each row k distinct ids from 1..vocab_size-1 (rejection sampling, vectorized)."""
+    table = rng.integers(1, vocab_size, size=(rows, k))
     while True:
         ordered = np.sort(table, axis=1)
         bad = (ordered[:, 1:] == ordered[:, :-1]).any(axis=1)

@@ -89,7 +89,9 @@ class TextSource(Protocol):
 class GeneratedSource:
     def __init__(self, corpus: MarkovCorpus, split: str):
         self.corpus, self._split_id = corpus, SPLITS.index(split)
-        self.name = f"generated(vocab_size={corpus.vocab_size}, seed={corpus.seed}):{split}"
+        self.name = (
+            f"generated(vocab_size={corpus.vocab_size}, seed={corpus.seed}, order={corpus.order}):{split}"
+        )
 
     def documents(self, start: Position, repeat: bool) -> Iterator[tuple[Position, np.ndarray]]:
         # The chain never runs out, so there is one pass and nothing to repeat.
@@ -434,7 +436,7 @@ def build_loader(
     source: DocSource
     if tokenizer is None:
         try:
-            corpus = MarkovCorpus(cfg.vocab_size, cfg.generated_seed)
+            corpus = MarkovCorpus(cfg.vocab_size, cfg.generated_seed, order=cfg.generated_order)
         except ValueError as err:
             raise DataError(f"data.vocab_size: {err}") from None
         source, vocab_size, floor = GeneratedSource(corpus, split), corpus.vocab_size, corpus.entropy_floor
