@@ -47,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --world-size must be >= 1, got {args.world_size}", file=sys.stderr)
         return 2
     try:
-        cfg = load_config(args.config, overrides)
-        plan = plan_memory(cfg, args.world_size, args.engine, args.device)
+        engine = [f"--parallel.engine={args.engine}"] if args.engine else []
+        cfg = load_config(args.config, [*overrides, *engine])
+        plan = plan_memory(cfg, args.world_size, args.device)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -117,3 +117,17 @@ def test_activation_checkpointing_row_is_smaller():
     plan = plan_memory(load_config("llama350m_adamw.yaml", ["--train.micro_batch_size=4"]), 8)
     assert plan.get("activations with checkpointing") < plan.get("activations without checkpointing") / 4
     assert plan.get("activations without checkpointing") > GiB  # 4 x 256 tokens x 24 layers of bf16
+
+
+@pytest.mark.slow
+def test_memory_benchmark_table_quick(tmp_path):
+    from benchmarks.memory import main as benchmark_main
+
+    out = tmp_path / "memory.md"
+    args = ["--config", "tiny", "--seq-len", "32", "--variants", "adamw,sinkgd+uib", "--threads", "1"]
+    assert benchmark_main([*args, "--out", str(out)]) == 0
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| ")][2:]
+    assert [r[0].strip() for r in rows] == ["adamw", "sinkgd + update_in_backward"]
+    assert rows[0][6].strip() == "1.00x"  # RSS vs AdamW
+    for row in rows:  # the planner against the measured tensor peak
+        assert abs(float(row[9].strip().rstrip("%"))) < 15

@@ -16,7 +16,7 @@ from __future__ import annotations
 import resource
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,14 +74,14 @@ def current_rss() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark of this process (Linux >= 4.0); False where that is not possible."""
+def reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS mark of this process (Linux >= 4.0); elsewhere peak_rss() stays the peak
+    since the process started."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        return True
     except OSError:
-        return False
+        pass
 
 
 def peak_rss() -> int:
@@ -170,7 +170,6 @@ class _Window:
     grads: int = 0
     profiler: Any = None
     snapshot: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class MemoryTracker:
@@ -230,12 +229,10 @@ class MemoryTracker:
         )
 
     def _tensor_bytes(self) -> int:
-        params = local_bytes(self.model.parameters())
-        return (
-            params
-            + local_bytes(p.grad for p in self.model.parameters())
-            + sum(optimizer_state_bytes(self.optimizer).values())
-        )
+        """Training tensors alive now: parameters, gradients, optimizer state."""
+        params = list(self.model.parameters())
+        grads = local_bytes(p.grad for p in params)
+        return local_bytes(params) + grads + sum(optimizer_state_bytes(self.optimizer).values())
 
     def _count_grads(self, *_: Any) -> None:
         """Step pre-hook: the gradients alive when the optimizer starts (with update_in_backward: per param)."""
@@ -282,9 +279,6 @@ class MemoryTracker:
             dist.all_reduce(peak, op=dist.ReduceOp.MAX)
             out["memory/peak_max_over_ranks_mib"] = peak.item() / MiB
         return out
-
-    def close(self) -> None:
-        self._close_window()
 
     def _breakdown(self, grads: int) -> MemoryBreakdown:
         params = local_bytes(self.model.parameters())

@@ -16,7 +16,6 @@ step (all gradients + the step's temporaries). With update_in_backward there is 
 
 from __future__ import annotations
 
-import copy
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -302,14 +301,9 @@ def _sharded_temporaries(raw: int, opt: OptimizerSim, world: int, matrix_element
     return shard(raw, world) + exchange
 
 
-def plan_memory(
-    cfg: Config, world_size: int = 1, engine: str | None = None, device: str = "cuda"
-) -> MemoryPlan:
-    """Predict one rank's memory for `cfg` launched on `world_size` ranks of `device` ("cpu" | "cuda").
-    Raises ConfigError for what the trainer would refuse (update_in_backward's conditions)."""
-    if engine:
-        cfg = copy.deepcopy(cfg)
-        cfg.parallel.engine = engine
+def plan_memory(cfg: Config, world_size: int = 1, device: str = "cuda") -> MemoryPlan:
+    """Predict one rank's memory for `cfg` (engine: cfg.parallel.engine) launched on `world_size` ranks of
+    `device` ("cpu" | "cuda"). Raises ConfigError for what the trainer would refuse (update_in_backward's)."""
     s = resolve_setup(cfg, world_size, device)
     if s.update_in_backward:
         check_update_in_backward(cfg, Batches.plan(cfg, world_size).accumulation)
