@@ -11,7 +11,8 @@ optimizer's, not a copy. Exact for any rule whose update of a parameter reads on
 and state, which is every optimizer in optim/. Under FSDP2 the hook fires on the sharded parameter right after
 its gradient is reduce-scattered (torch calls post-accumulate-grad hooks of sharded parameters there), so
 whole-matrix rules see the same row shards as in a normal step; a torch that does not is detected after the
-first backward and refused.
+first backward and refused. The price under FSDP2 at world size > 1: a whole-matrix rule's owner-computes
+layer (optim/sharded.py) gets one matrix per call, so its Newton-Schulz work is not spread over the ranks.
 
 Refused (ConfigError), because the update would no longer be the normal path's: gradient accumulation (the
 update would use a partial gradient), global gradient clipping (needs every gradient before any update), and

@@ -316,9 +316,8 @@ def plan_memory(cfg: Config, world_size: int = 1, device: str = "cuda") -> Memor
         state_rows = [("optimizer state", state)]
         busiest = end = buffers
     else:
-        params = grads = shard(
-            n_params * 4, s.world
-        )  # fp32 row shards of weights and gradients (reduce dtype)
+        # fp32 row shards of the weights and of the gradients (reduced in fp32)
+        params = grads = shard(n_params * 4, s.world)
         state_rows = [(f"optimizer state: {k}", shard(v, s.world)) for k, v in opt.state.items()]
         state = sum(n for _, n in state_rows)
         busiest, end = fsdp2_extra(units, s)
@@ -327,7 +326,8 @@ def plan_memory(cfg: Config, world_size: int = 1, device: str = "cuda") -> Memor
     if s.device == "cuda" and not s.update_in_backward:  # foreach AdamW: one sqrt buffer for all its params
         temporaries = max(temporaries, opt.adamw_param_bytes)
     matrix_elements = sum(p.numel() for p in meta.layers.parameters() if p.ndim == 2)
-    temporaries = _sharded_temporaries(temporaries, opt, s.world, matrix_elements)
+    optimizer_world = 1 if s.engine == "deepspeed" and s.zero_stage == 0 else s.world  # ZeRO-0: whole copies
+    temporaries = _sharded_temporaries(temporaries, opt, optimizer_world, matrix_elements)
     fb = simulate_forward_backward(s, s.checkpointing, grad_elem, s.update_in_backward)
     other = simulate_forward_backward(s, not s.checkpointing, grad_elem, s.update_in_backward)
     with_ac, without_ac = (fb, other) if s.checkpointing else (other, fb)

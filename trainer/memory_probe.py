@@ -1,7 +1,8 @@
 """Measure training steps of a config in this process: what the memory benchmark and the planner's test read.
 
-Builds what train() builds (model, FSDP2, optimizer, engine) but feeds random tokens and runs a step or two,
-so a measurement needs no data and writes nothing. Call it on every rank of an initialised process group.
+Builds what train() builds for the FSDP2 engine (model, FSDP2, optimizer, engine) but feeds random tokens and
+runs a step or two, so a measurement needs no data and writes nothing. Call it on every rank of an initialised
+process group.
 """
 
 from __future__ import annotations
