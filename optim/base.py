@@ -68,6 +68,22 @@ class MatrixSlot:
         return self.info.shape[1]
 
 
+def step_chunks(slots: list[MatrixSlot], max_bytes: int) -> list[list[MatrixSlot]]:
+    """Consecutive runs of slots whose fp32 per-rank size adds up to at most `max_bytes` (a larger matrix is a
+    chunk of its own). Sizes come from global shapes, so every rank cuts the same chunks (the whole-matrix
+    collectives of a chunk must match across ranks)."""
+    chunks: list[list[MatrixSlot]] = []
+    size = 0
+    for slot in slots:
+        nbytes = 4 * slot.rows * slot.cols // max(slot.info.world, 1)
+        if not chunks or size + nbytes > max_bytes:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(slot)
+        size += nbytes
+    return chunks
+
+
 class MatrixOptimizer(torch.optim.Optimizer):
     """Base class: the subclass's matrix rule for 2-D params, AdamW for groups with algorithm="adamw".
 
@@ -77,10 +93,15 @@ class MatrixOptimizer(torch.optim.Optimizer):
 
     algorithm: str = ""  # the matrix rule's name, stored in its param groups
     reports_orthogonality: bool = False  # NS-based rules report orth_error
+    # A step handles its matrices in chunks of at most this many fp32 bytes of (per-rank) row blocks, so the rule's
+    # temporaries (normalized / whitened copies, Newton-Schulz inputs) exist for one chunk at a time instead of for
+    # every matrix of the model at once. Each matrix's math is independent, so chunking changes no number.
+    max_step_bytes: int = 256 * 2**20
 
     def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
         self.track_health = False
         self._health: StepHealth | None = None
+        self._probing = False
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -122,8 +143,9 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 if p.grad is not None:
                     slots.append(MatrixSlot(p, group, self.state[p], shard_info(p), local(p), local(p.grad)))
         self._health = self._start_health(slots) if self.track_health and slots else None
-        if slots:
-            self._matrix_step(slots)
+        for index, chunk in enumerate(step_chunks(slots, self.max_step_bytes)):
+            self._probing = index == 0  # orth_error: the step's first matrix, chunked or not
+            self._matrix_step(chunk)
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -211,7 +233,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
 
     def _orth_probe(self) -> Callable[[Tensor], None] | None:
         """The probe for apply_to_whole_matrices: orth_error of the step's first matrix, when tracking."""
-        if self._health is None or not self.reports_orthogonality:
+        if self._health is None or not self.reports_orthogonality or not self._probing:
             return None
         record = self._health.record_orthogonality
         return lambda whole: record(orthogonality_error(whole))
