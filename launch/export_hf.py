@@ -55,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("out_dir", type=Path, help="the Hugging Face model directory to write")
     args = parser.parse_args(argv)
-    torch.set_grad_enabled(False)
     try:
-        out = export(args.checkpoint, args.out_dir)
+        with torch.no_grad():
+            out = export(args.checkpoint, args.out_dir)
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

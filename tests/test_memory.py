@@ -50,7 +50,7 @@ def test_optimizer_state_bytes_per_group():
     assert optimizer_state_bytes(optimizer) == {"group0_swan": 0, "group1_adamw": expected}
 
 
-def test_tracker_counts_a_step_exactly():
+def _two_tracked_steps() -> dict:
     cfg = load_config("tiny_adamw.yaml", SHAPE)
     model = build_model(cfg, 512, torch.device("cpu"))
     optimizer = build_optimizer(cfg.optim, model)
@@ -62,14 +62,27 @@ def test_tracker_counts_a_step_exactly():
         engine.forward_backward([torch.randint(0, 512, (4, 33))])
         engine.step(engine.grad_norm(), 0.0)
         tracker.end(step)
-    n_bytes = 4 * sum(p.numel() for p in model.parameters())
     last = tracker.last
-    assert (last.params, last.grads) == (n_bytes, n_bytes)  # gradients counted before the step drops them
-    assert last.optimizer_state == {"group0_adamw": 2 * n_bytes + 4 * len(list(model.parameters()))}
-    assert last.peak >= last.runtime + last.params + last.grads + last.state > 0
+    return {
+        "n_bytes": 4 * sum(p.numel() for p in model.parameters()),
+        "n_params": len(list(model.parameters())),
+        "last": (last.params, last.grads, last.optimizer_state, last.peak, last.runtime, last.state),
+        "lines": lines,
+        "metrics": tracker.metrics(),
+    }
+
+
+def test_tracker_counts_a_step_exactly():
+    # A fresh process: resident-memory readings in a long-lived test process carry other tests' heap.
+    got = run_distributed(_two_tracked_steps, 1)
+    n_bytes = got["n_bytes"]
+    params, grads, optimizer_state, peak, runtime, state = got["last"]
+    assert (params, grads) == (n_bytes, n_bytes)  # gradients counted before the step drops them
+    assert optimizer_state == {"group0_adamw": 2 * n_bytes + 4 * got["n_params"]}
+    assert peak >= runtime + params + grads + state > 0
+    lines, metrics = got["lines"], got["metrics"]
     assert len(lines) == 1 and lines[0].startswith("memory per rank after step 1")  # the table, once
-    metrics = tracker.metrics()
-    assert metrics["memory/params_mib"] == n_bytes / MiB and metrics["memory/peak_mib"] == last.peak / MiB
+    assert metrics["memory/params_mib"] == n_bytes / MiB and metrics["memory/peak_mib"] == peak / MiB
     assert metrics["memory/optimizer_state/group0_adamw_mib"] == metrics["memory/optimizer_state_mib"]
 
 
