@@ -43,17 +43,6 @@ class AuON(MatrixOptimizer):
         defaults = {"lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay}
         super().__init__(params, defaults)
 
-    def _momentum_inputs(self, slots: list[MatrixSlot]) -> list[Tensor]:
-        """Phase 1: the momentum update and the (Nesterov) input U of every matrix, local rows."""
-        inputs = []
-        for slot in slots:
-            mu = slot.group["momentum"]
-            buf = self._state(slot, "momentum_buffer")
-            grad = slot.grad.float()
-            buf.lerp_(grad, 1 - mu)
-            inputs.append(grad.lerp(buf, mu) if slot.group["nesterov"] else buf)
-        return inputs
-
     def _directions(self, slots: list[MatrixSlot], inputs: list[Tensor]) -> list[Tensor]:
         """X = U / (|U|_F + 1e-7), the Frobenius norm over the whole matrix (one all-reduce)."""
         sq = [u.square().sum() for u in inputs]
@@ -61,7 +50,8 @@ class AuON(MatrixOptimizer):
         return [u / (s.sqrt() + NS5_EPS) for u, s in zip(inputs, sq, strict=True)]
 
     def _matrix_step(self, slots: list[MatrixSlot]) -> None:
-        self._cosh_rms_update(slots, self._directions(slots, self._momentum_inputs(slots)))
+        inputs = self._momentum_inputs(slots, [s.group["nesterov"] for s in slots])
+        self._cosh_rms_update(slots, self._directions(slots, inputs))
 
     def _cosh_rms_update(self, slots: list[MatrixSlot], xs: list[Tensor]) -> None:
         """D = X / (sqrt(mean(cosh(X)^2)) + 1e-8) with the mean over the whole matrix (one all-reduce)."""

@@ -217,6 +217,18 @@ class MatrixOptimizer(torch.optim.Optimizer):
             slot.state[key] = torch.zeros_like(slot.param, dtype=torch.float32)
         return local(slot.state[key])
 
+    def _momentum_inputs(self, slots: list[MatrixSlot], nesterov: list[bool]) -> list[Tensor]:
+        """M <- mu M + (1 - mu) G (fp32 state, local rows, mu = the group's momentum); the matrix function's
+        input is (1 - mu) G + mu M with Nesterov (as in Muon), else M."""
+        inputs = []
+        for slot, use_nesterov in zip(slots, nesterov, strict=True):
+            mu = slot.group["momentum"]
+            buf = self._state(slot, "momentum_buffer")
+            grad = slot.grad.float()
+            buf.lerp_(grad, 1 - mu)
+            inputs.append(grad.lerp(buf, mu) if use_nesterov else buf)
+        return inputs
+
     def _apply_update(self, slot: MatrixSlot, direction: Tensor, scale: float | Tensor) -> None:
         """W <- W (1 - lr wd) - lr * scale * direction (scale: a number or a broadcastable tensor)."""
         lr, wd = slot.group["lr"], slot.group["weight_decay"]

@@ -46,13 +46,7 @@ class Muon(MatrixOptimizer):
         super().__init__(params, defaults)
 
     def _matrix_step(self, slots: list[MatrixSlot]) -> None:
-        inputs = []
-        for slot in slots:
-            mu = slot.group["momentum"]
-            buf = self._state(slot, "momentum_buffer")
-            grad = slot.grad.float()
-            buf.lerp_(grad, 1 - mu)
-            inputs.append(grad.lerp(buf, mu) if slot.group["nesterov"] else buf)
+        inputs = self._momentum_inputs(slots, [s.group["nesterov"] for s in slots])
         ortho = apply_to_whole_matrices(
             partial(newton_schulz5, steps=self.ns_steps, dtype=self.ns_dtype),
             inputs,

@@ -69,13 +69,7 @@ class NorMuon(MatrixOptimizer):
 
     def _matrix_step(self, slots: list[MatrixSlot]) -> None:
         reference = self.variant == "reference_code"
-        inputs = []
-        for slot in slots:
-            b1 = slot.group["momentum"]
-            buf = self._state(slot, "momentum_buffer")
-            grad = slot.grad.float()
-            buf.lerp_(grad, 1 - b1)
-            inputs.append(grad.lerp(buf, b1) if reference else buf)
+        inputs = self._momentum_inputs(slots, [reference] * len(slots))  # b1 is the group's momentum
         infos = [s.info for s in slots]
         ortho = apply_to_whole_matrices(
             partial(newton_schulz5, steps=self.ns_steps, dtype=self.ns_dtype),
