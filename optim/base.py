@@ -96,7 +96,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
     # A step handles its matrices in chunks of at most this many fp32 bytes of (per-rank) row blocks, so the rule's
     # temporaries (normalized / whitened copies, Newton-Schulz inputs) exist for one chunk at a time instead of for
     # every matrix of the model at once. Each matrix's math is independent, so chunking changes no number.
-    max_step_bytes: int = 256 * 2**20
+    max_step_bytes: int = 64 * 2**20
 
     def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
         self.track_health = False
