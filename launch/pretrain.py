@@ -36,18 +36,17 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.train import NonFiniteError, train
 
     info = init_distributed(cfg.parallel.device, cfg.parallel.backend)
+    # These errors are raised on every rank alike (same config, files, all-reduced loss), so the ranks can still
+    # shut down together. Anything else propagates without a shutdown: peers may be stuck in a collective, and
+    # torchrun tears the job down.
     try:
         result = train(cfg, info)
-    except USAGE_ERRORS as err:
+    except (*USAGE_ERRORS, NonFiniteError) as err:
         if info.is_main:
             print(f"error: {err}", file=sys.stderr)
-        return 2
-    except NonFiniteError as err:
-        if info.is_main:
-            print(f"error: {err}", file=sys.stderr)
-        return 3
-    finally:
         shutdown()
+        return 3 if isinstance(err, NonFiniteError) else 2
+    shutdown()
     if info.is_main:
         run_dir = Path(result["run_dir"])
         print(f"done: {result['step']} steps, final loss {result['loss']:.4f}")

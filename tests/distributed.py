@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from trainer.distributed import shutdown
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -35,12 +37,10 @@ def _worker(rank: int, world_size: int, port: int, out: str, fn: Callable, args:
     )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        result = fn(*args)
-        if rank == 0:
-            torch.save(result, out)
-    finally:
-        dist.destroy_process_group()
+    result = fn(*args)
+    if rank == 0:
+        torch.save(result, out)
+    shutdown()  # on success only: after an exception the peers may be stuck in a collective
 
 
 def run_distributed(fn: Callable, world_size: int, *args: Any) -> Any:

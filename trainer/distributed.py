@@ -7,6 +7,7 @@ world of one: we fill those in so the exact same code path (process group, mesh,
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import socket
 from dataclasses import dataclass
@@ -113,5 +114,13 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
 
 
 def shutdown() -> None:
+    """Tear the process group down in step with the other ranks, while the interpreter is fully alive.
+
+    gloo's worker threads can still hold finished async work (FSDP2's reduce-scatters) that references tensors;
+    freeing those during interpreter finalization, or while a peer is still talking, aborts the process
+    ("terminate called without an active exception"). So: drop dead objects, wait for every rank, then destroy.
+    """
     if dist.is_initialized():
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
