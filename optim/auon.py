@@ -13,7 +13,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from optim.base import MatrixOptimizer, MatrixSlot, resolve_dtype
+from optim.base import MatrixOptimizer, MatrixSlot
 from optim.newton_schulz import NS5_EPS, newton_schulz5
 from optim.sharded import all_reduce_sums, apply_to_whole_matrices
 
@@ -84,9 +84,7 @@ class HybridAuON(AuON):
         ns_dtype: str | torch.dtype = "bfloat16",
         comm_dtype: str | torch.dtype | None = None,
     ) -> None:
-        self.ns_steps = ns_steps
-        self.ns_dtype = resolve_dtype(ns_dtype, "ns_dtype")
-        self.comm_dtype = resolve_dtype(comm_dtype, "comm_dtype") or self.ns_dtype
+        self._configure_newton_schulz(ns_steps, ns_dtype, comm_dtype)
         super().__init__(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
 
     def _directions(self, slots: list[MatrixSlot], inputs: list[Tensor]) -> list[Tensor]:

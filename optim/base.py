@@ -217,6 +217,15 @@ class MatrixOptimizer(torch.optim.Optimizer):
             slot.state[key] = torch.zeros_like(slot.param, dtype=torch.float32)
         return local(slot.state[key])
 
+    def _configure_newton_schulz(
+        self, ns_steps: int, ns_dtype: str | torch.dtype, comm_dtype: str | torch.dtype | None
+    ) -> None:
+        """Optimizer-wide Newton-Schulz settings: steps, compute dtype, and the dtype of row shards on the wire
+        under FSDP2 (None = the compute dtype)."""
+        self.ns_steps = ns_steps
+        self.ns_dtype = resolve_dtype(ns_dtype, "ns_dtype")
+        self.comm_dtype = resolve_dtype(comm_dtype, "comm_dtype") or self.ns_dtype
+
     def _momentum_inputs(self, slots: list[MatrixSlot], nesterov: list[bool]) -> list[Tensor]:
         """M <- mu M + (1 - mu) G (fp32 state, local rows, mu = the group's momentum); the matrix function's
         input is (1 - mu) G + mu M with Nesterov (as in Muon), else M."""

@@ -8,7 +8,7 @@ from functools import partial
 
 import torch
 
-from optim.base import MatrixOptimizer, MatrixSlot, resolve_dtype
+from optim.base import MatrixOptimizer, MatrixSlot
 from optim.newton_schulz import newton_schulz5
 from optim.sharded import apply_to_whole_matrices
 
@@ -39,9 +39,7 @@ class Muon(MatrixOptimizer):
         ns_dtype: str | torch.dtype = "bfloat16",
         comm_dtype: str | torch.dtype | None = None,
     ) -> None:
-        self.ns_steps = ns_steps
-        self.ns_dtype = resolve_dtype(ns_dtype, "ns_dtype")
-        self.comm_dtype = resolve_dtype(comm_dtype, "comm_dtype") or self.ns_dtype
+        self._configure_newton_schulz(ns_steps, ns_dtype, comm_dtype)
         defaults = {"lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay}
         super().__init__(params, defaults)
 

@@ -9,7 +9,7 @@ from functools import partial
 
 import torch
 
-from optim.base import MatrixOptimizer, MatrixSlot, check_choice, guarded_ratio, resolve_dtype
+from optim.base import MatrixOptimizer, MatrixSlot, check_choice, guarded_ratio
 from optim.newton_schulz import newton_schulz5
 from optim.sharded import all_reduce_sums, apply_to_whole_matrices, local, zeros_rows_like
 
@@ -55,9 +55,7 @@ class NorMuon(MatrixOptimizer):
         comm_dtype: str | torch.dtype | None = None,
     ) -> None:
         self.variant = check_choice(variant, VARIANTS, "NorMuon variant")
-        self.ns_steps = ns_steps
-        self.ns_dtype = resolve_dtype(ns_dtype, "ns_dtype")
-        self.comm_dtype = resolve_dtype(comm_dtype, "comm_dtype") or self.ns_dtype
+        self._configure_newton_schulz(ns_steps, ns_dtype, comm_dtype)
         defaults = {
             "lr": DEFAULT_LR[variant] if lr is None else lr,
             "momentum": momentum,

@@ -8,7 +8,7 @@ from functools import partial
 
 import torch
 
-from optim.base import MatrixOptimizer, MatrixSlot, check_choice, resolve_dtype
+from optim.base import MatrixOptimizer, MatrixSlot, check_choice
 from optim.newton_schulz import coupled_flops, coupled_inverse_sqrt_polar, newton_schulz5, ns5_flops
 from optim.sharded import apply_to_whole_matrices
 
@@ -47,10 +47,11 @@ class SWAN(MatrixOptimizer):
     ) -> None:
         self.whitening = check_choice(whitening, WHITENINGS, "SWAN whitening")
         coupled = whitening == "coupled"
-        self.ns_steps = ns_steps if ns_steps is not None else (10 if coupled else 5)
-        default_dtype = torch.float32 if coupled else torch.bfloat16
-        self.ns_dtype = resolve_dtype(ns_dtype, "ns_dtype") or default_dtype
-        self.comm_dtype = resolve_dtype(comm_dtype, "comm_dtype") or self.ns_dtype
+        self._configure_newton_schulz(
+            ns_steps if ns_steps is not None else (10 if coupled else 5),
+            ns_dtype if ns_dtype is not None else (torch.float32 if coupled else torch.bfloat16),
+            comm_dtype,
+        )
         super().__init__(params, {"lr": lr, "eps": eps, "weight_decay": weight_decay})
 
     def _matrix_step(self, slots: list[MatrixSlot]) -> None:
