@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tests.distributed import run_distributed
 from trainer.config import load_config
 from trainer.distributed import init_distributed
 from trainer.train import train
@@ -28,6 +29,13 @@ def train_in_process(config: str, overrides: list[str]) -> dict:
     """Entry point for run_distributed: one rank of a training run."""
     cfg = load_config(config, overrides)
     return train(cfg, init_distributed("cpu", "gloo"))
+
+
+def trained_tiny_run(root: Path, world_size: int, steps: int) -> Path:
+    """A short tiny_adamw run at `world_size` under `root`, with its final checkpoint; its run directory."""
+    overrides = [*FAST, f"--train.steps={steps}", f"--train.runs_dir={root}", "--train.run_name=run"]
+    run_distributed(train_in_process, world_size, "tiny_adamw.yaml", overrides)
+    return root / "run"
 
 
 def logged(run_dir: Path, key: str = "loss") -> list[float]:

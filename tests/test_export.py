@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from launch.export_hf import load_model, main
-from tests.distributed import run_distributed
-from tests.run_helpers import FAST, logged, train_in_process
+from tests.run_helpers import logged, trained_tiny_run
 from trainer.config import load_config
 from trainer.data import build_loader
 from trainer.train import evaluate
@@ -17,10 +16,7 @@ from trainer.train import evaluate
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("export")
-    overrides = [*FAST, "--train.steps=3", f"--train.runs_dir={root}", "--train.run_name=run"]
-    run_distributed(train_in_process, 2, "tiny_adamw.yaml", overrides)
-    return root / "run"
+    return trained_tiny_run(tmp_path_factory.mktemp("export"), world_size=2, steps=3)
 
 
 @pytest.mark.slow

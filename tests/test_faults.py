@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
 from tests.distributed import run_distributed
-from tests.run_helpers import FAST, train_in_process
+from tests.run_helpers import FAST, train_in_process, trained_tiny_run
 from trainer.checkpoint import is_complete, latest_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,10 +111,7 @@ def _pretrain(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def ws2_run(tmp_path_factory) -> Path:
     """A 2-step world-size-2 run with its final checkpoint (shards __0_0 and __1_0)."""
-    root = tmp_path_factory.mktemp("ws2")
-    overrides = [*FAST, "--train.steps=2", f"--train.runs_dir={root}", "--train.run_name=run"]
-    run_distributed(train_in_process, 2, "tiny_adamw.yaml", overrides)
-    return root / "run"
+    return trained_tiny_run(tmp_path_factory.mktemp("ws2"), world_size=2, steps=2)
 
 
 @pytest.mark.slow
