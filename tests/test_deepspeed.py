@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,18 @@ from tests.run_helpers import FAST, logged, train_in_process
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, load_config
 from trainer.engine_deepspeed import check_whole_matrices, unsupported
+from trainer.memory import MiB
+from trainer.memory_plan import plan_memory
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 KEYS = ("loss", "grad_norm", "optim/update_rms", "optim/orth_error")
+MEMORY = {
+    "params": "memory/params_mib",
+    "grads": "memory/grads_mib",
+    "adamw": "memory/optimizer_state/group0_adamw_mib",
+    "master": "memory/optimizer_state/master_weights_mib",
+}
 # Clipping at 0.5 is active on every step of these runs (their raw norms are ~0.9): the mapping is under test too.
 COMMON = [*FAST, "--train.grad_clip=0.5"]
 DEEPSPEED = ["--parallel.engine=deepspeed"]
@@ -38,7 +47,7 @@ def _train_all(root: Path, runs: list[tuple[str, str, list[str]]]) -> dict[str, 
             config, [*COMMON, f"--train.runs_dir={root}", f"--train.run_name={name}", *overrides]
         )
         if torch.distributed.get_rank() == 0:  # only rank 0 writes metrics
-            out[name] = {key: logged(root / name, key) for key in KEYS}
+            out[name] = {key: logged(root / name, key) for key in (*KEYS, *MEMORY.values())}
     return out
 
 
@@ -47,11 +56,17 @@ def _assert_same_run(got: dict[str, list[float]], reference: dict[str, list[floa
         assert got[key] == pytest.approx(reference[key], rel=1e-4, abs=1e-4), key
 
 
+def _memory(run: dict[str, list[float]]) -> dict[str, float]:
+    """Rank 0's memory/* components (MiB) at the last step; the same at every step of these runs."""
+    assert all(len(set(run[key])) == 1 for key in MEMORY.values() if run[key])
+    return {name: run[key][-1] for name, key in MEMORY.items() if run[key]}
+
+
 @pytest.mark.slow
-def test_zero_stages_0_2_3_with_adamw_give_the_fsdp2_losses(tmp_path) -> None:
+def test_zero_stages_with_adamw_give_the_fsdp2_losses_and_count_their_partitions(tmp_path) -> None:
     runs = [("fsdp2", "tiny_adamw.yaml", [])]
-    runs += [(f"zero{s}", "tiny_adamw.yaml", [*DEEPSPEED, f"--parallel.zero_stage={s}"]) for s in (0, 2, 3)]
-    # Blocks recomputed in backward (activation checkpointing) under ZeRO-2 give the same numbers too.
+    runs += [(f"zero{s}", "tiny_adamw.yaml", [*DEEPSPEED, f"--parallel.zero_stage={s}"]) for s in range(4)]
+    # Blocks recomputed in backward (activation checkpointing) under ZeRO-1 give the same numbers too.
     runs[2][2].append("--parallel.activation_checkpointing=true")
     results = run_distributed(_train_all, 2, tmp_path, runs)
     reference = results.pop("fsdp2")
@@ -60,6 +75,30 @@ def test_zero_stages_0_2_3_with_adamw_give_the_fsdp2_losses(tmp_path) -> None:
     for name, got in results.items():
         assert got["optim/update_rms"], name  # the health numbers are there, and (below) FSDP2's
         _assert_same_run(got, reference)
+
+    # Memory, per rank of 2 (tiny model, fp32 everywhere): `full` is the whole model's weights.
+    approx = partial(pytest.approx, rel=1e-3)  # AdamW's 4-byte step counters beside its moments
+    full = _memory(results["zero0"])["params"]
+    assert _memory(results["zero0"]) == {"params": full, "grads": full, "adamw": approx(2 * full)}
+    assert _memory(reference) == {
+        "params": approx(full / 2),
+        "grads": approx(full / 2),
+        "adamw": approx(full),
+    }
+    partitioned = {"grads": full / 2, "adamw": approx(full), "master": full / 2}  # fp32 masters: ZeRO's copy
+    # ZeRO-1/2 keep whole weights; ZeRO-3 keeps its partitions, and whole copies of parameters under DeepSpeed's
+    # persistence threshold (all of the tiny model's) beside them.
+    for stage, params in (("zero1", full), ("zero2", full), ("zero3", full + full / 2)):
+        assert _memory(results[stage]) == {"params": params, **partitioned}, stage
+    # The planner (launch/estimate_memory.py) predicts the same state at every stage, weights and gradients
+    # where ZeRO keeps them whole or sharded (at ZeRO-1 it plans the whole gradients of backward).
+    for stage in range(4):
+        cfg = load_config("tiny_adamw.yaml", [*COMMON, *DEEPSPEED, f"--parallel.zero_stage={stage}"])
+        plan = {name: n / MiB for name, n in plan_memory(cfg, world_size=2, device="cpu").rows}
+        measured = _memory(results[f"zero{stage}"])
+        assert plan["optimizer state"] == approx(measured["adamw"] + measured.get("master", 0)), stage
+        if stage in (0, 2):
+            assert (plan["parameters"], plan["gradients"]) == (measured["params"], measured["grads"]), stage
 
 
 @pytest.mark.slow

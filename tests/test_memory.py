@@ -56,7 +56,7 @@ def _two_tracked_steps() -> dict:
     optimizer = build_optimizer(cfg.optim, model)
     engine = FSDP2Engine(model, optimizer)
     lines: list[str] = []
-    tracker = MemoryTracker(model, optimizer, torch.device("cpu"), cfg.run_dir, info=lines.append)
+    tracker = MemoryTracker(engine, torch.device("cpu"), cfg.run_dir, info=lines.append)
     for step in (1, 2):
         tracker.begin(step)
         engine.forward_backward([torch.randint(0, 512, (4, 33))])
@@ -145,7 +145,7 @@ def test_cuda_snapshot_is_written(tmp_path):
     model = build_model(cfg, 512, torch.device("cuda"))
     optimizer = build_optimizer(cfg.optim, model)
     engine = FSDP2Engine(model, optimizer)
-    tracker = MemoryTracker(model, optimizer, torch.device("cuda"), tmp_path, snapshot_steps="1", info=print)
+    tracker = MemoryTracker(engine, torch.device("cuda"), tmp_path, snapshot_steps="1", info=print)
     tracker.begin(1)
     engine.forward_backward([torch.randint(0, 512, (4, 33), device="cuda")])
     engine.step(engine.grad_norm(), 0.0)

@@ -1,7 +1,7 @@
 """The FSDP2 engine: what one optimizer step does to a sharded model, behind a small interface.
 
 The loop in train.py talks only to this interface (forward_backward, grad_norm, step, skip, health,
-checkpoint_state), so the DeepSpeed engine (trainer/engine_deepspeed.py, save / load instead of checkpoint_state)
+training_tensors, checkpoint_state), so the DeepSpeed engine (trainer/engine_deepspeed.py, save / load instead of checkpoint_state)
 can stand in for it without a second copy of the loop.
 """
 
@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.optim import Optimizer
 
 from optim import health_of
+from trainer.memory import TrainingTensors
 
 
 def causal_lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -84,6 +85,10 @@ class FSDP2Engine:
     def health(self) -> dict[str, float]:
         """The optimizer's update statistics for the optim/ metrics (collective under sharding)."""
         return health_of(self.optimizer)
+
+    def training_tensors(self) -> TrainingTensors:
+        """What the memory tracker counts: the local shards of parameters, gradients and optimizer state."""
+        return TrainingTensors.of(self.model, self.optimizer)
 
     def checkpoint_state(self) -> dict[str, Stateful]:
         """What trainer.checkpoint saves and loads: each rank's shards of model and optimizer state."""

@@ -33,6 +33,7 @@ from optim import health_of
 from trainer.checkpoint import read_trainer_state
 from trainer.config import Config, ConfigError, deepspeed_support_error
 from trainer.engine import causal_lm_loss
+from trainer.memory import TrainingTensors, group_labels, state_tensors
 
 TAG = "deepspeed"  # DeepSpeed's save_checkpoint(dir, tag) writes into dir/tag; the tag is fixed, dir is the step's
 
@@ -165,6 +166,30 @@ class DeepSpeedEngine:
             "update_rms": math.sqrt(update_sq / self.numel),
             "update_weight_ratio": math.sqrt(update_sq / weight_sq) if weight_sq > 0 else 0.0,
         }
+
+    def training_tensors(self) -> TrainingTensors:
+        """What the memory tracker counts. ZeRO-0: the model's and optimizer's own tensors, as under FSDP2.
+        ZeRO-1..3: the model's weights as this rank holds them (ZeRO-3: its partitions in `ds_tensor`, beside
+        any parameter gathered now; DeepSpeed keeps small ones gathered), the fp32 master partitions the
+        optimizer steps (optimizer state, as the ZeRO paper counts them) and, while they exist, their gradients.
+        AdamW's state is read from the optimizer's state dict: ZeRO-3 empties the param groups between steps."""
+        if self.stage == 0:
+            return TrainingTensors.of(self.model, self.optimizer)
+        zero = self.engine.optimizer
+        masters = (
+            zero.fp32_partitioned_groups_flat if self.stage == 3 else zero.single_partition_of_fp32_groups
+        )
+        weights = list(self.model.parameters())
+        partitions = [p.ds_tensor for p in weights if getattr(p, "ds_tensor", None) is not None]
+        (label,) = group_labels(self.optimizer)  # AdamW, one group: the only optimizer above ZeRO-0
+        return TrainingTensors(
+            params=weights + partitions,
+            grads=[p.grad for p in weights] + [m.grad for m in masters],
+            optimizer_state={
+                label: state_tensors(self.optimizer.state.values()),
+                "master_weights": list(masters),
+            },
+        )
 
     def save(self, path: Path) -> None:
         """Every rank writes its own ZeRO partitions (DeepSpeed's format) into path/deepspeed/."""

@@ -1,7 +1,8 @@
 """Memory of one rank, by component: parameters, gradients, optimizer state (per param group) and the rest.
 
 Why: the reason SWAN and SinkGD exist is memory, so a run shows where its bytes go. Per measured step:
-- parameters, gradients and optimizer state are counted tensor by tensor (this rank's local shards);
+- parameters, gradients and optimizer state are counted tensor by tensor, as the engine reports where they live
+  (`training_tensors()`: FSDP2's local shards, DeepSpeed's ZeRO partitions and fp32 master copies);
   gradients are counted when the optimizer starts stepping (with update_in_backward: the most alive at once);
 - the peak comes from the CUDA caching allocator (tensor bytes, reset at every step) or, on CPU, from the
   process's peak resident set (VmHWM, reset at every step), where `runtime` is the resident memory that is not
@@ -18,11 +19,10 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.autograd import DeviceType
 from torch.distributed.tensor import DTensor
 
@@ -60,13 +60,54 @@ def group_labels(optimizer: torch.optim.Optimizer) -> list[str]:
     return [f"group{i}_{g.get('algorithm') or default}" for i, g in enumerate(optimizer.param_groups)]
 
 
+def state_tensors(states: Iterable[dict[str, Any]]) -> list[torch.Tensor]:
+    """The tensors among optimizer per-parameter states (step counters included when they are tensors)."""
+    return [v for s in states for v in s.values() if torch.is_tensor(v)]
+
+
+def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> dict[str, list[torch.Tensor]]:
+    """Optimizer state tensors on this rank, per param group label."""
+    return {
+        label: state_tensors(optimizer.state.get(p, {}) for p in group["params"])
+        for label, group in zip(group_labels(optimizer), optimizer.param_groups, strict=True)
+    }
+
+
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
     """Bytes of optimizer state tensors on this rank, per param group label."""
-    out = {}
-    for label, group in zip(group_labels(optimizer), optimizer.param_groups, strict=True):
-        states = (optimizer.state.get(p, {}) for p in group["params"])
-        out[label] = local_bytes(v for s in states for v in s.values() if torch.is_tensor(v))
-    return out
+    return {label: local_bytes(ts) for label, ts in optimizer_state_tensors(optimizer).items()}
+
+
+@dataclass
+class TrainingTensors:
+    """Where one rank's training tensors live now, by component: each engine reports its own layout.
+
+    optimizer_state maps a label (a param group's, or e.g. 'master_weights' for ZeRO's fp32 copies, which the
+    ZeRO paper counts as optimizer state too) to tensors; no tensor may appear twice.
+    """
+
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor | None]
+    optimizer_state: dict[str, list[torch.Tensor]]
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> TrainingTensors:
+        """The plain layout (FSDP2, ZeRO-0, one process): the optimizer steps the model's own parameters."""
+        params = list(model.parameters())
+        return cls(params, [p.grad for p in params], optimizer_state_tensors(optimizer))
+
+    def bytes(self) -> tuple[int, int, dict[str, int]]:
+        """(parameters, gradients, optimizer state per label) in bytes."""
+        state = {label: local_bytes(ts) for label, ts in self.optimizer_state.items()}
+        return local_bytes(self.params), local_bytes(self.grads), state
+
+
+class CountsTensors(Protocol):
+    """What MemoryTracker needs of an engine: its optimizer (to hook its step) and its tensor layout."""
+
+    optimizer: torch.optim.Optimizer
+
+    def training_tensors(self) -> TrainingTensors: ...
 
 
 def current_rss() -> int:
@@ -181,8 +222,7 @@ class MemoryTracker:
 
     def __init__(
         self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        engine: CountsTensors,
         device: torch.device,
         run_dir: Path,
         *,
@@ -191,7 +231,7 @@ class MemoryTracker:
         profile_steps: str = "",
         info: Callable[[str], None] = print,
     ):
-        self.model, self.optimizer, self.device, self.run_dir = model, optimizer, device, run_dir
+        self.engine, self.device, self.run_dir = engine, device, run_dir
         self.enabled, self.info = enabled, info
         self.cuda = device.type == "cuda"
         self.snapshot_steps, self.profile_steps = parse_steps(snapshot_steps), parse_steps(profile_steps)
@@ -204,22 +244,20 @@ class MemoryTracker:
             info("metrics.memory_snapshot_steps: allocator snapshots need CUDA; none are recorded on CPU")
             self.snapshot_steps = set()
         self.runtime = 0 if self.cuda else max(0, current_rss() - self._tensor_bytes())
-        optimizer.register_step_pre_hook(self._count_grads)
+        engine.optimizer.register_step_pre_hook(self._count_grads)
 
     @classmethod
     def from_config(
         cls,
         cfg: Any,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        engine: CountsTensors,
         device: torch.device,
         run_dir: Path,
         info: Callable[[str], None],
     ) -> MemoryTracker:
         """The tracker the trainer's MetricsConfig (memory, memory_snapshot_steps, profile_steps) asks for."""
         return cls(
-            model,
-            optimizer,
+            engine,
             device,
             run_dir,
             enabled=cfg.memory,
@@ -230,14 +268,13 @@ class MemoryTracker:
 
     def _tensor_bytes(self) -> int:
         """Training tensors alive now: parameters, gradients, optimizer state."""
-        params = list(self.model.parameters())
-        grads = local_bytes(p.grad for p in params)
-        return local_bytes(params) + grads + sum(optimizer_state_bytes(self.optimizer).values())
+        params, grads, state = self.engine.training_tensors().bytes()
+        return params + grads + sum(state.values())
 
     def _count_grads(self, *_: Any) -> None:
         """Step pre-hook: the gradients alive when the optimizer starts (with update_in_backward: per param)."""
         if self._window is not None and self.enabled:
-            live = local_bytes(p.grad for p in self.model.parameters())
+            live = local_bytes(self.engine.training_tensors().grads)
             self._window.grads = max(self._window.grads, live)
 
     def begin(self, step: int) -> None:
@@ -281,8 +318,7 @@ class MemoryTracker:
         return out
 
     def _breakdown(self, grads: int) -> MemoryBreakdown:
-        params = local_bytes(self.model.parameters())
-        state = optimizer_state_bytes(self.optimizer)
+        params, _, state = self.engine.training_tensors().bytes()
         if self.cuda:
             peak = torch.cuda.max_memory_allocated(self.device)
             reserved = torch.cuda.max_memory_reserved(self.device)

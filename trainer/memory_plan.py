@@ -363,14 +363,15 @@ def _deepspeed_sizes(s: Setup, n_params: int, state: int) -> tuple[int, int, int
     """(params, grads, optimizer state, buffers, grad bytes per element) per rank under DeepSpeed ZeRO.
 
     ZeRO-0 (autocast for bf16): fp32 weights, gradients and state on every rank, bf16 weight casts cached
-    during forward. ZeRO-1/2/3 with bf16: bf16 weights (sharded at 3), fp32 master weights and state sharded;
-    gradients bf16, sharded from stage 2; reduce/all-gather buckets of up to 5e8 elements.
+    during forward. ZeRO-1/2/3: weights in the compute dtype (sharded at 3), fp32 master weights and state
+    sharded (the masters are a copy even when the weights are fp32: trainer.memory measures them);
+    gradients in the compute dtype, sharded from stage 2; reduce/all-gather buckets of up to 5e8 elements.
     """
     if s.zero_stage == 0:
         cast = n_params * 2 if s.compute_bytes == 2 else 0
         return n_params * 4, n_params * 4, state, cast, 4
     c = s.compute_bytes
-    master = 0 if c == 4 else n_params * 4
+    master = n_params * 4
     params = n_params * c if s.zero_stage < 3 else shard(n_params * c, s.world)
     grads = n_params * c if s.zero_stage == 1 else shard(n_params * c, s.world)
     bucket = min(DEEPSPEED_BUCKET_ELEMENTS, n_params) * c

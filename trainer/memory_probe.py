@@ -49,7 +49,7 @@ def measure_steps(cfg: Config, info: DistInfo, steps: int = 1) -> StepMeasuremen
         engine: FSDP2Engine = BackwardUpdateEngine(model, optimizer, cfg, batches.accumulation)
     else:
         engine = FSDP2Engine(model, optimizer)
-    tracker = MemoryTracker(model, optimizer, info.device, cfg.run_dir, info=lambda _: None)
+    tracker = MemoryTracker(engine, info.device, cfg.run_dir, info=lambda _: None)
     generator = torch.Generator().manual_seed(cfg.train.seed)
     batch = torch.randint(
         0, model.cfg.vocab_size, (batches.local, cfg.train.seq_len + 1), generator=generator

@@ -135,7 +135,7 @@ def train(cfg: Config, dist_info: DistInfo) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     log = MetricsLogger(run_dir, is_main, cfg.metrics.tensorboard, t.steps, resumed_step=step)
-    memory = MemoryTracker.from_config(cfg.metrics, model, optimizer, device, run_dir, log.info)
+    memory = MemoryTracker.from_config(cfg.metrics, engine, device, run_dir, log.info)
     if resume is not None:
         log.info(f"resumed from {resume} at step {step}")
     log.info(
