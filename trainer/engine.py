@@ -1,8 +1,8 @@
 """The FSDP2 engine: what one optimizer step does to a sharded model, behind a small interface.
 
 The loop in train.py talks only to this interface (forward_backward, grad_norm, step, skip, health,
-training_tensors, checkpoint_state), so the DeepSpeed engine (trainer/engine_deepspeed.py, save / load instead of checkpoint_state)
-can stand in for it without a second copy of the loop.
+training_tensors, checkpoint_state), so the DeepSpeed engine (trainer/engine_deepspeed.py, save / load instead
+of checkpoint_state) can stand in for it without a second copy of the loop.
 """
 
 from __future__ import annotations
