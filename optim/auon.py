@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from functools import partial
 
 import torch
 from torch import Tensor
 
 from optim.base import MatrixOptimizer, MatrixSlot
-from optim.newton_schulz import NS5_EPS, newton_schulz5
-from optim.sharded import all_reduce_sums, apply_to_whole_matrices
+from optim.newton_schulz import NS5_EPS
+from optim.sharded import all_reduce_sums
 
 COSH_EPS = 1e-8
 
@@ -88,10 +87,4 @@ class HybridAuON(AuON):
         super().__init__(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
 
     def _directions(self, slots: list[MatrixSlot], inputs: list[Tensor]) -> list[Tensor]:
-        return apply_to_whole_matrices(
-            partial(newton_schulz5, steps=self.ns_steps, dtype=self.ns_dtype),
-            inputs,
-            [s.info for s in slots],
-            comm_dtype=self.comm_dtype,
-            probe=self._orth_probe(),
-        )
+        return self._on_whole_matrices(slots, inputs)

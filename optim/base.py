@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -20,8 +21,8 @@ from torch import Tensor
 from torch.optim.adamw import adamw as functional_adamw
 
 from optim.health import StepHealth, shard_groups, summarize
-from optim.newton_schulz import orthogonality_error
-from optim.sharded import ShardInfo, local, shard_info
+from optim.newton_schulz import newton_schulz5, ns5_flops, orthogonality_error
+from optim.sharded import ShardInfo, apply_to_whole_matrices, local, shard_info
 
 # torch.optim.AdamW's defaults, used for any key an algorithm="adamw" group does not give.
 ADAMW_DEFAULTS: dict[str, Any] = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2}
@@ -251,6 +252,24 @@ class MatrixOptimizer(torch.optim.Optimizer):
             slot.weight.sub_((direction * scale).to(slot.weight.dtype), alpha=lr)
         else:
             slot.weight.add_(direction.to(slot.weight.dtype), alpha=-lr * scale)
+
+    def _on_whole_matrices(
+        self,
+        slots: list[MatrixSlot],
+        inputs: list[Tensor],
+        fn: Callable[..., Tensor] = newton_schulz5,
+        cost: Callable[..., float] = ns5_flops,
+    ) -> list[Tensor]:
+        """fn(X, steps, dtype) on each slot's whole matrix with the optimizer's Newton-Schulz options (see
+        _configure_newton_schulz), owner-computed under sharding; this rank's rows of each result."""
+        return apply_to_whole_matrices(
+            partial(fn, steps=self.ns_steps, dtype=self.ns_dtype),
+            inputs,
+            [s.info for s in slots],
+            comm_dtype=self.comm_dtype,
+            probe=self._orth_probe(),
+            cost=partial(cost, steps=self.ns_steps),
+        )
 
     def _orth_probe(self) -> Callable[[Tensor], None] | None:
         """The probe for apply_to_whole_matrices: orth_error of the step's first matrix, when tracking."""

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from functools import partial
 
 import torch
 
 from optim.base import MatrixOptimizer, MatrixSlot
-from optim.newton_schulz import newton_schulz5
-from optim.sharded import apply_to_whole_matrices
 
 
 class Muon(MatrixOptimizer):
@@ -45,12 +42,6 @@ class Muon(MatrixOptimizer):
 
     def _matrix_step(self, slots: list[MatrixSlot]) -> None:
         inputs = self._momentum_inputs(slots, [s.group["nesterov"] for s in slots])
-        ortho = apply_to_whole_matrices(
-            partial(newton_schulz5, steps=self.ns_steps, dtype=self.ns_dtype),
-            inputs,
-            [s.info for s in slots],
-            comm_dtype=self.comm_dtype,
-            probe=self._orth_probe(),
-        )
+        ortho = self._on_whole_matrices(slots, inputs)
         for slot, o in zip(slots, ortho, strict=True):
             self._apply_update(slot, o, math.sqrt(max(1.0, slot.rows / slot.cols)))

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from functools import partial
 
 import torch
 
 from optim.base import MatrixOptimizer, MatrixSlot, check_choice, guarded_ratio
-from optim.newton_schulz import newton_schulz5
-from optim.sharded import all_reduce_sums, apply_to_whole_matrices, local, zeros_rows_like
+from optim.sharded import all_reduce_sums, local, zeros_rows_like
 
 VARIANTS = ("paper", "reference_code")
 DEFAULT_LR = {"paper": 1e-3, "reference_code": 0.02}
@@ -68,14 +66,7 @@ class NorMuon(MatrixOptimizer):
     def _matrix_step(self, slots: list[MatrixSlot]) -> None:
         reference = self.variant == "reference_code"
         inputs = self._momentum_inputs(slots, [reference] * len(slots))  # b1 is the group's momentum
-        infos = [s.info for s in slots]
-        ortho = apply_to_whole_matrices(
-            partial(newton_schulz5, steps=self.ns_steps, dtype=self.ns_dtype),
-            inputs,
-            infos,
-            comm_dtype=self.comm_dtype,
-            probe=self._orth_probe(),
-        )
+        ortho = self._on_whole_matrices(slots, inputs)
         normalized, norms_sq = [], []
         for slot, o in zip(slots, ortho, strict=True):
             if "second_moment" not in slot.state:
@@ -85,7 +76,7 @@ class NorMuon(MatrixOptimizer):
             o_hat = o / (v.sqrt() + slot.group["eps"]).unsqueeze(1)
             normalized.append(o_hat)
             norms_sq.append(torch.stack([o_hat.square().sum(), o.square().sum()]))
-        all_reduce_sums(norms_sq, infos)
+        all_reduce_sums(norms_sq, [s.info for s in slots])
         for slot, o_hat, sq in zip(slots, normalized, norms_sq, strict=True):
             o_hat_norm, o_norm = sq.sqrt().unbind()
             if reference:

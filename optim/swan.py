@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from functools import partial
 
 import torch
 
 from optim.base import MatrixOptimizer, MatrixSlot, check_choice
 from optim.newton_schulz import coupled_flops, coupled_inverse_sqrt_polar, newton_schulz5, ns5_flops
-from optim.sharded import apply_to_whole_matrices
 
 WHITENINGS = ("coupled", "ns5")
 
@@ -64,13 +62,7 @@ class SWAN(MatrixOptimizer):
             normalized.append(centered / (std + slot.group["eps"]))
         coupled = self.whitening == "coupled"
         whiten = coupled_inverse_sqrt_polar if coupled else newton_schulz5
-        whitened = apply_to_whole_matrices(
-            partial(whiten, steps=self.ns_steps, dtype=self.ns_dtype),
-            normalized,
-            [s.info for s in slots],
-            comm_dtype=self.comm_dtype,
-            probe=self._orth_probe(),
-            cost=partial(coupled_flops if coupled else ns5_flops, steps=self.ns_steps),
-        )
+        cost = coupled_flops if coupled else ns5_flops
+        whitened = self._on_whole_matrices(slots, normalized, whiten, cost)
         for slot, d in zip(slots, whitened, strict=True):
             self._apply_update(slot, d, math.sqrt(max(slot.rows, slot.cols)))

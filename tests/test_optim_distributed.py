@@ -29,10 +29,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
-import optim.auon
-import optim.muon
-import optim.normuon
-import optim.swan
+import optim.base
 from optim import build_optimizer
 from optim.newton_schulz import newton_schulz5
 from optim.sharded import ShardInfo, apply_to_whole_matrices
@@ -158,9 +155,9 @@ def _counting(counts: Counter) -> Iterator[None]:
     with ExitStack() as stack:
         for name in ("all_gather", "all_gather_into_tensor", "all_to_all_single", "broadcast"):
             stack.enter_context(mock.patch.object(dist, name, counted(name, getattr(dist, name))))
-        for module in (optim.muon, optim.normuon, optim.auon, optim.swan):
-            real = module.apply_to_whole_matrices
-            stack.enter_context(mock.patch.object(module, "apply_to_whole_matrices", counted_apply(real)))
+        # every matrix optimizer's whole-matrix work goes through MatrixOptimizer._on_whole_matrices
+        real = optim.base.apply_to_whole_matrices
+        stack.enter_context(mock.patch.object(optim.base, "apply_to_whole_matrices", counted_apply(real)))
         yield
 
 
