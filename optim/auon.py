@@ -1,5 +1,10 @@
 """AuON (Maity 2025) and Hybrid-AuON: momentum, then a cosh-RMS normalization of the update.
 
+Two variants (optimizer-wide): "paper", the spec's rule (a unit-Frobenius direction X, r from cosh(X), Muon's
+shape factor), and "reference_code", the authors' newest code (ryyzn9/AuON @bba2e82, auon/optimizer.py): the
+unnormalized direction D (AuON: the momentum input U; Hybrid: NS_5(U)) divided by
+r = sqrt(mean(cosh(1.5 D / |D|_F)^2)), no shape factor.
+
 AuON needs no whole matrix (two scalar all-reduces per matrix under FSDP2, batched over the step's matrices);
 Hybrid-AuON first applies k Newton-Schulz steps to the whole matrix.
 """
@@ -12,21 +17,34 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from optim.base import MatrixOptimizer, MatrixSlot
+from optim.base import MatrixOptimizer, MatrixSlot, check_choice
 from optim.newton_schulz import NS5_EPS
 from optim.sharded import all_reduce_sums
 
 COSH_EPS = 1e-8
+COSH_GAMMA = 1.5  # reference_code: the cosh's argument is gamma X / (|X|_F + 1e-7) (the code's `gamma`)
+VARIANTS = ("paper", "reference_code")
+DEFAULT_LR = {"paper": 0.24, "reference_code": 0.08}
+DEFAULT_NS = {"paper": (1, "bfloat16"), "reference_code": (5, "float32")}  # HybridAuON: ns_steps, ns_dtype
 
 
 class AuON(MatrixOptimizer):
-    """M <- mu M + (1-mu) G; U = (1-mu) G + mu M (nesterov) or M; X = U / (|U|_F + 1e-7);
-    r = sqrt(mean(cosh(X)^2)); D = X / (r + 1e-8); W <- W (1 - lr wd) - lr sqrt(max(1, m/n)) D.
+    """M <- mu M + (1-mu) G; U = (1-mu) G + mu M (nesterov) or M; then, by variant:
+
+    "paper": X = U / (|U|_F + 1e-7); r = sqrt(mean(cosh(X)^2));
+        W <- W (1 - lr wd) - lr sqrt(max(1, m/n)) X / (r + 1e-8).
+    "reference_code" (the authors' newest code): r = sqrt(mean(cosh(1.5 U / (|U|_F + 1e-7))^2));
+        W <- W (1 - lr wd) - lr U / (r + 1e-8), no shape factor. r is about 1, so this is close to SGD with
+        Nesterov momentum: the update's scale follows the gradient's.
+    Means and norms are over the whole matrix (scalar all-reduces under FSDP2). An all-zero gradient gives a
+    zero update (X = 0, r = 1).
 
     Args:
         params: 2-D matrices, or param groups; groups with algorithm="adamw" are stepped by AdamW.
-        lr: 0.24 (the authors' config). momentum: mu, 0.95. nesterov: True ("as in Muon").
-        weight_decay: 0.0 (decoupled).
+        lr: None = the variant's: 0.24 for "paper" (the authors' original script), 0.08 for "reference_code"
+            (the newest code's config).
+        momentum: mu, 0.95. nesterov: True ("as in Muon"; the authors' code is always Nesterov).
+        weight_decay: 0.0 (decoupled). variant: "paper" (default) | "reference_code" (optimizer-wide).
     """
 
     algorithm = "auon"
@@ -34,39 +52,69 @@ class AuON(MatrixOptimizer):
     def __init__(
         self,
         params: Iterable,
-        lr: float = 0.24,
+        lr: float | None = None,
         momentum: float = 0.95,
         nesterov: bool = True,
         weight_decay: float = 0.0,
+        variant: str = "paper",
     ) -> None:
-        defaults = {"lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay}
+        self.variant = check_choice(variant, VARIANTS, f"{type(self).__name__} variant")
+        defaults = {
+            "lr": DEFAULT_LR[variant] if lr is None else lr,
+            "momentum": momentum,
+            "nesterov": nesterov,
+            "weight_decay": weight_decay,
+        }
         super().__init__(params, defaults)
 
     def _directions(self, slots: list[MatrixSlot], inputs: list[Tensor]) -> list[Tensor]:
-        """X = U / (|U|_F + 1e-7), the Frobenius norm over the whole matrix (one all-reduce)."""
-        sq = [u.square().sum() for u in inputs]
-        all_reduce_sums(sq, [s.info for s in slots])
-        return [u / (s.sqrt() + NS5_EPS) for u, s in zip(inputs, sq, strict=True)]
+        """The direction D that the cosh-RMS scaling divides: paper X = U / (|U|_F + 1e-7); reference U."""
+        if self.variant != "paper":
+            return inputs
+        norms = self._frobenius_norms(slots, inputs)
+        return [u / (n + NS5_EPS) for u, n in zip(inputs, norms, strict=True)]
 
     def _matrix_step(self, slots: list[MatrixSlot]) -> None:
         inputs = self._momentum_inputs(slots, [s.group["nesterov"] for s in slots])
         self._cosh_rms_update(slots, self._directions(slots, inputs))
 
-    def _cosh_rms_update(self, slots: list[MatrixSlot], xs: list[Tensor]) -> None:
-        """D = X / (sqrt(mean(cosh(X)^2)) + 1e-8) with the mean over the whole matrix (one all-reduce)."""
-        cosh_sq = [x.cosh().square().sum() for x in xs]
+    @staticmethod
+    def _frobenius_norms(slots: list[MatrixSlot], xs: list[Tensor]) -> list[Tensor]:
+        """|X|_F of each whole matrix (one all-reduce of the squared sums)."""
+        sq = [x.square().sum() for x in xs]
+        all_reduce_sums(sq, [s.info for s in slots])
+        return [s.sqrt() for s in sq]
+
+    def _cosh_rms_update(self, slots: list[MatrixSlot], directions: list[Tensor]) -> None:
+        """W update along D / (r + 1e-8), r = sqrt(mean(cosh(A)^2)) with the mean over the whole matrix (one
+        all-reduce). paper: A = D, times sqrt(max(1, m/n)); reference_code: A = 1.5 D / (|D|_F + 1e-7) (one
+        more all-reduce, for the norms), no shape factor."""
+        if self.variant == "paper":
+            cosh_sq = [d.cosh().square().sum() for d in directions]
+        else:
+            norms = self._frobenius_norms(slots, directions)
+            cosh_sq = [
+                (d / (n + NS5_EPS) * COSH_GAMMA).cosh().square().sum()
+                for d, n in zip(directions, norms, strict=True)
+            ]
         all_reduce_sums(cosh_sq, [s.info for s in slots])
-        for slot, x, c in zip(slots, xs, cosh_sq, strict=True):
+        for slot, d, c in zip(slots, directions, cosh_sq, strict=True):
             r = (c / (slot.rows * slot.cols)).sqrt()
-            self._apply_update(slot, x, math.sqrt(max(1.0, slot.rows / slot.cols)) / (r + COSH_EPS))
+            factor = math.sqrt(max(1.0, slot.rows / slot.cols)) if self.variant == "paper" else 1.0
+            self._apply_update(slot, d, factor / (r + COSH_EPS))
 
 
 class HybridAuON(AuON):
-    """AuON with X = NS_k(U) (k Newton-Schulz steps of NS5's polynomial, whole matrix) instead of U / |U|_F,
-    then the same cosh-RMS scaling and update.
+    """AuON with X = NS_k(U) (k Newton-Schulz steps of NS5's polynomial, whole matrix) as the direction:
 
-    Args: those of AuON, plus ns_steps: k, 1 (the paper; the released code uses 5);
-        ns_dtype: "bfloat16"; comm_dtype: wire dtype under FSDP2, None = ns_dtype (optimizer-wide).
+    "paper": r = sqrt(mean(cosh(X)^2)); W <- W (1 - lr wd) - lr sqrt(max(1, m/n)) X / (r + 1e-8).
+    "reference_code": r = sqrt(mean(cosh(1.5 X / (|X|_F + 1e-7))^2)); W <- W (1 - lr wd) - lr X / (r + 1e-8)
+        (the authors' code applies AuON's brake to the NS output, Frobenius normalization and 1.5 included).
+
+    Args: those of AuON, plus ns_steps: k, None = the variant's: 1 for "paper", 5 for "reference_code" (the
+        released code's); ns_dtype: None = "bfloat16" for "paper", "float32" for "reference_code" (the code
+        runs NS in the parameters' fp32); comm_dtype: wire dtype under FSDP2, None = ns_dtype. All
+        optimizer-wide.
     """
 
     algorithm = "hybrid_auon"
@@ -75,16 +123,22 @@ class HybridAuON(AuON):
     def __init__(
         self,
         params: Iterable,
-        lr: float = 0.24,
+        lr: float | None = None,
         momentum: float = 0.95,
         nesterov: bool = True,
         weight_decay: float = 0.0,
-        ns_steps: int = 1,
-        ns_dtype: str | torch.dtype = "bfloat16",
+        variant: str = "paper",
+        ns_steps: int | None = None,
+        ns_dtype: str | torch.dtype | None = None,
         comm_dtype: str | torch.dtype | None = None,
     ) -> None:
-        self._configure_newton_schulz(ns_steps, ns_dtype, comm_dtype)
-        super().__init__(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+        steps, dtype = DEFAULT_NS[check_choice(variant, VARIANTS, f"{type(self).__name__} variant")]
+        self._configure_newton_schulz(
+            steps if ns_steps is None else ns_steps, dtype if ns_dtype is None else ns_dtype, comm_dtype
+        )
+        super().__init__(
+            params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, variant=variant
+        )
 
     def _directions(self, slots: list[MatrixSlot], inputs: list[Tensor]) -> list[Tensor]:
         return self._on_whole_matrices(slots, inputs)
