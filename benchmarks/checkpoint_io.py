@@ -28,8 +28,7 @@ from optim import build_optimizer  # noqa: E402
 from trainer.checkpoint import Checkpointer  # noqa: E402
 from trainer.config import OptimConfig  # noqa: E402
 from trainer.distributed import build_mesh, init_distributed, shutdown  # noqa: E402
-from trainer.engine import FSDP2Engine  # noqa: E402
-from trainer.parallel import apply_fsdp  # noqa: E402
+from trainer.engines.fsdp2 import FSDP2Engine, apply_fsdp  # noqa: E402
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> float:
@@ -42,6 +41,19 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
     dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
     return elapsed.item()
+
+
+class StepOnly:
+    """The trainer state this benchmark saves beside the engine's: just the step."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
 
 
 def main() -> None:
@@ -57,27 +69,37 @@ def main() -> None:
     info = init_distributed(args.device)
     torch.manual_seed(0)
     model = Llama(model_config(args.model, max_seq_len=args.seq_len)).to(info.device)
-    apply_fsdp(model, build_mesh(info), mixed_precision="fp32")
-    engine = FSDP2Engine(model, build_optimizer(OptimConfig(name=args.optim), model))
+    apply_fsdp(model, build_mesh(info))
+    optimizer = build_optimizer(OptimConfig(name=args.optim), model)
+    engine = FSDP2Engine(model, optimizer)
+    background_engine = FSDP2Engine(
+        model, optimizer, async_save=True
+    )  # the same state, written in the background
     tokens = torch.randint(0, model.cfg.vocab_size, (1, args.seq_len + 1), device=info.device)
     engine.forward_backward([tokens])
-    engine.step(engine.grad_norm(), max_norm=0.0)
+    engine.grad_norm()
+    engine.step()
 
     root = Path(args.dir) if args.dir else Path(tempfile.gettempdir()) / "checkpoint_io"
     sync = Checkpointer(root / "sync", keep_last=1, is_main=info.is_main)
-    background = Checkpointer(root / "async", keep_last=1, is_main=info.is_main, async_save=True)
+    background = Checkpointer(root / "async", keep_last=1, is_main=info.is_main)
     times: dict[str, list[float]] = {"sync": [], "async_blocking": [], "async_total": [], "load": []}
     for step in range(1, args.repeats + 1):
-        times["sync"].append(timed(lambda step=step: sync.save(step, engine, {"step": step}), info.device))
+        state = StepOnly(step)
+        times["sync"].append(
+            timed(lambda step=step, state=state: sync.save(step, engine, state), info.device)
+        )
         start = time.perf_counter()
         times["async_blocking"].append(
-            timed(lambda step=step: background.save(step, engine, {"step": step}), info.device)
+            timed(lambda step=step, state=state: background.save(step, background_engine, state), info.device)
         )
         background.wait()
         dist.barrier()
         times["async_total"].append(time.perf_counter() - start)
         path = root / "sync" / f"step_{step:06d}"
-        times["load"].append(timed(lambda path=path: sync.load(path, engine), info.device))
+        times["load"].append(
+            timed(lambda path=path, state=state: sync.load(path, engine, state), info.device)
+        )
 
     if info.is_main:
         size = sum(f.stat().st_size for f in (root / "sync").rglob("*") if f.is_file())

@@ -56,7 +56,7 @@ from benchmarks.trainer_runs import (  # noqa: E402
     train_seconds,
 )
 from trainer.config import CHOICES, Config, ConfigError, parse_overrides  # noqa: E402
-from trainer.data import DataError, build_loader, build_tokenizer  # noqa: E402
+from trainer.data import DataError, build_tokenizer, open_source, save_tokenizer  # noqa: E402
 
 OPTIMIZERS = CHOICES["optim.name"]  # every optimizer the trainer knows, AdamW first
 # Around each optimizer's spec-default lr (the lr of its configs/<prefix>_<name>.yaml), rounded to 2 digits.
@@ -172,7 +172,7 @@ def data_overrides(args: argparse.Namespace, sweep_dir: Path) -> list[str]:
     cfg = TrainerRun(f"{args.configs}_adamw", (f"--data.source={source}",)).resolved()
     tokenizer = sweep_dir / "tokenizer.json"
     if not tokenizer.is_file():
-        build_tokenizer(cfg.data, sweep_dir)
+        save_tokenizer(build_tokenizer(cfg.data, None)[0], sweep_dir)
     return [f"--data.source={source}", f"--data.tokenizer={tokenizer}"]
 
 
@@ -251,15 +251,13 @@ def machine() -> str:
 def report(args: argparse.Namespace, points: list[GridPoint], adamw_lr: float | None) -> str:
     """Read every run back, write the markdown table and the plot into args.out; the report's text."""
     first = points[0].cfg
-    loader = build_loader(
-        first.data, seq_len=first.train.seq_len, global_batch_size=1, rank=0, world_size=1, run_dir=None
-    )
+    _, vocab_size, floor = open_source(first.data, "train", build_tokenizer(first.data, None)[0])
     state: dict[str, StateBytes] = {}
     for p in points:
         if p.optimizer not in state:
-            state[p.optimizer] = optimizer_state_bytes(p.cfg, loader.vocab_size)
+            state[p.optimizer] = optimizer_state_bytes(p.cfg, vocab_size)
     summaries = summarize([p.result() for p in points], state)
-    t, floor = first.train, loader.entropy_floor
+    t = first.train
     setting = (
         f"{first.model.name} ({state[points[0].optimizer].params / 1e6:.2f}M params), data {first.data.source}, "
         f"{t.steps} steps x {t.global_batch_size} x {t.seq_len} tokens, {t.schedule} schedule"

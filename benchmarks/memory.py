@@ -77,7 +77,7 @@ def measure_one(args: argparse.Namespace, overrides: list[str]) -> dict:
     import torch
 
     from trainer.distributed import init_distributed, shutdown
-    from trainer.memory_probe import measure_steps
+    from trainer.memory.probe import measure_steps
 
     torch.set_num_threads(args.threads)
     cfg = variant_config(args.one, args, overrides)
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         print(json.dumps(measure_one(args, overrides)))
         return 0
-    from trainer.memory_plan import plan_memory
+    from trainer.memory.planner import plan_memory
 
     rows: dict[str, dict] = {}
     for variant in args.variants.split(","):

@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 from models import Llama  # noqa: E402
 from optim import build_optimizer, route_parameters  # noqa: E402
 from trainer.config import Config, load_config  # noqa: E402
+from trainer.resolve import resolve  # noqa: E402
 from trainer.train import build_model  # noqa: E402
 
 PRETRAIN = ROOT / "launch" / "pretrain.py"
@@ -143,7 +144,7 @@ def optimizer_state_bytes(cfg: Config, data_vocab: int) -> StateBytes:
     0-dim tensors (AdamW's step counters) are left out: they are bookkeeping, not per-parameter state.
     """
     with torch.device("meta"):
-        model: Llama = build_model(cfg, data_vocab, torch.device("meta"))
+        model: Llama = build_model(resolve(cfg, 1, "cpu"), data_vocab, torch.device("meta"))
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.grad = torch.empty_like(p)

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from trainer.config import ConfigError, load_config  # noqa: E402
-from trainer.memory_plan import GiB, plan_memory  # noqa: E402
+from trainer.memory.planner import GiB, plan_memory  # noqa: E402
 
 
 def device_memory(args: argparse.Namespace) -> int | None:

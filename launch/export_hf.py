@@ -20,7 +20,8 @@ from safetensors.torch import save_file  # noqa: E402
 
 from models import Llama, LlamaConfig  # noqa: E402
 from models.llama import hf_config_dict, to_hf_state_dict  # noqa: E402
-from trainer.checkpoint import CheckpointError, is_complete, load_state, read_trainer_state  # noqa: E402
+from trainer.checkpoint import CheckpointError, is_complete, read_trainer_state  # noqa: E402
+from trainer.engines.dcp import load_state  # noqa: E402
 
 
 def load_model(checkpoint: Path) -> Llama:

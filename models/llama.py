@@ -1,4 +1,4 @@
-"""LLaMA decoder (RMSNorm, RoPE, SwiGLU, grouped-query attention via SDPA, untied head).
+"""LLaMA decoder (RMSNorm, RoPE, SwiGLU, grouped-query attention via SDPA, untied head) and its causal LM loss.
 
 Numerics follow Hugging Face's LlamaForCausalLM (fp32 RMSNorm, rotate_half RoPE) so that a checkpoint exports
 to transformers by renaming keys only (`to_hf_state_dict`, `hf_config_dict`).
@@ -158,6 +158,13 @@ class Llama(nn.Module):
         for layer in self.layers:
             h = layer(h, cos, sin)
         return self.output(self.norm(h))
+
+
+def causal_lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy of a packed batch [B, T+1] (inputs batch[:, :-1], targets batch[:, 1:]),
+    computed in fp32 whatever the activation dtype."""
+    logits = model(batch[:, :-1])
+    return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
 
 
 _HF_TOP = {

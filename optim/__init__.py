@@ -1,4 +1,4 @@
-"""Optimizers: the matrix rules of the spec (design/optimizers.md) with AdamW for the routed-out params.
+"""Optimizers: the matrix rules of docs/optimizers.md with AdamW for the routed-out params.
 
 Every class is a torch.optim.Optimizer; on a plain list of 2-D params its own rule applies to all of them,
 and param groups with `algorithm="adamw"` are stepped by torch's AdamW inside the same object.
@@ -6,7 +6,7 @@ and param groups with `algorithm="adamw"` are stepped by torch's AdamW inside th
 
 | optimizer | argument | default |
 | --- | --- | --- |
-| all matrix rules | weight_decay | 0.0 (decoupled: W <- W (1 - lr wd); SWAN/SinkGD: an addition to the spec) |
+| all matrix rules | weight_decay | 0.0 (decoupled: W <- W (1 - lr wd); SWAN/SinkGD: an addition to the papers) |
 | all NS-based | comm_dtype | None = ns_dtype (row shards on the wire under FSDP2) |
 | adamw groups | lr, betas, eps, weight_decay | 1e-3, (0.9, 0.999), 1e-8, 1e-2 (torch.optim.AdamW's) |
 | Muon | lr | 0.02 |
@@ -28,12 +28,13 @@ and param groups with `algorithm="adamw"` are stepped by torch's AdamW inside th
 | NorMuon | eps | 1e-8 |
 | NorMuon | ns_steps | 5 |
 | NorMuon | ns_dtype | bfloat16 |
-| AuON | lr | 0.24 |
+| AuON | lr | 0.24 for variant paper, 0.08 for reference_code |
+| AuON | variant | paper (or reference_code) |
 | AuON | momentum | 0.95 |
 | AuON | nesterov | True |
-| HybridAuON | lr, momentum, nesterov | as AuON |
-| HybridAuON | ns_steps | 1 (the paper; the released code uses 5) |
-| HybridAuON | ns_dtype | bfloat16 |
+| HybridAuON | lr, momentum, nesterov, variant | as AuON |
+| HybridAuON | ns_steps | 1 for paper (the paper), 5 for reference_code (the released code) |
+| HybridAuON | ns_dtype | bfloat16 for paper, float32 for reference_code |
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ import torch
 from torch import nn
 
 from optim.auon import AuON, HybridAuON
-from optim.base import MatrixOptimizer
-from optim.health import health_of
+from optim.base import MatrixOptimizer, step_params
+from optim.health import track_health
 from optim.muon import Muon
 from optim.normuon import NorMuon
 from optim.routing import route_parameters
@@ -61,6 +62,8 @@ OPTIMIZERS: dict[str, type[MatrixOptimizer]] = {
     "hybrid_auon": HybridAuON,
     "muon": Muon,
 }
+# Every name `optim.name` accepts: the AdamW baseline and the matrix rules.
+OPTIMIZER_NAMES: tuple[str, ...] = ("adamw", *OPTIMIZERS)
 # Config fields that configure the matrix rule (None = the optimizer's default), and the argument they set.
 RULE_OPTIONS = {
     "momentum": "momentum",
@@ -108,7 +111,7 @@ def build_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
         params = [p for p in model.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {cfg.name!r}; known: adamw, {', '.join(OPTIMIZERS)}")
+        raise ValueError(f"unknown optimizer {cfg.name!r}; known: {', '.join(OPTIMIZER_NAMES)}")
     cls = OPTIMIZERS[cfg.name]
     kwargs = _rule_kwargs(cfg, cfg.name, set(inspect.signature(cls.__init__).parameters))
     matrices, others = route_parameters(model)
@@ -131,6 +134,7 @@ def build_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
 
 __all__ = [
     "OPTIMIZERS",
+    "OPTIMIZER_NAMES",
     "SWAN",
     "AuON",
     "HybridAuON",
@@ -139,6 +143,7 @@ __all__ = [
     "NorMuon",
     "SinkGD",
     "build_optimizer",
-    "health_of",
     "route_parameters",
+    "step_params",
+    "track_health",
 ]

@@ -11,7 +11,8 @@ torch.distributed.checkpoint saves and reshards them; the math runs in place on 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.optim.adamw import adamw as functional_adamw
 
-from optim.health import StepHealth, shard_groups, summarize
+from optim.health import HealthTracker, StepHealth, shard_groups
 from optim.newton_schulz import newton_schulz5, ns5_flops, orthogonality_error
 from optim.sharded import ShardInfo, apply_to_whole_matrices, local, shard_info
 
@@ -69,6 +70,20 @@ class MatrixSlot:
         return self.info.shape[1]
 
 
+def step_params(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> None:
+    """optimizer.step() on `params` only: each param group narrowed to them, with its current settings (lr
+    included) and the optimizer's own state, so the result is the one a full step gives those params. Exact for
+    any rule whose update of a parameter reads only that parameter's gradient and state (every rule here)."""
+    wanted = {id(p) for p in params}
+    groups = optimizer.param_groups
+    narrowed = [{**g, "params": [p for p in g["params"] if id(p) in wanted]} for g in groups]
+    optimizer.param_groups = [g for g in narrowed if g["params"]]
+    try:
+        optimizer.step()
+    finally:
+        optimizer.param_groups = groups
+
+
 def step_chunks(slots: list[MatrixSlot], max_bytes: int) -> list[list[MatrixSlot]]:
     """Consecutive runs of slots whose fp32 per-rank size adds up to at most `max_bytes` (a larger matrix is a
     chunk of its own). Sizes come from global shapes, so every rank cuts the same chunks (the whole-matrix
@@ -88,8 +103,8 @@ def step_chunks(slots: list[MatrixSlot], max_bytes: int) -> list[list[MatrixSlot
 class MatrixOptimizer(torch.optim.Optimizer):
     """Base class: the subclass's matrix rule for 2-D params, AdamW for groups with algorithm="adamw".
 
-    Set `track_health = True` before a step to have `health()` report that step's update statistics;
-    nothing extra is computed otherwise.
+    Steps taken inside `with optimizer.tracking_health() as health:` add their update statistics to `health`
+    (optim.health); nothing extra is computed otherwise.
     """
 
     algorithm: str = ""  # the matrix rule's name, stored in its param groups
@@ -100,8 +115,9 @@ class MatrixOptimizer(torch.optim.Optimizer):
     max_step_bytes: int = 64 * 2**20
 
     def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
-        self.track_health = False
-        self._health: StepHealth | None = None
+        self._tracker: HealthTracker | None = None
+        self._probe: Tensor | None = None  # orth_error's matrix: the first of the first matrix group
+        self._health: StepHealth | None = None  # the measured step's sums, while it runs
         self._probing = False
         super().__init__(params, defaults)
 
@@ -117,6 +133,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 f"{type(self).__name__}: param group algorithm must be 'adamw' or {self.algorithm!r}"
             )
         else:
+            if self._probe is None and param_group["params"]:
+                self._probe = param_group["params"][0]
             for p in param_group["params"]:
                 if p.ndim == 1:
                     raise ValueError(
@@ -143,11 +161,30 @@ class MatrixOptimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is not None:
                     slots.append(MatrixSlot(p, group, self.state[p], shard_info(p), local(p), local(p.grad)))
-        self._health = self._start_health(slots) if self.track_health and slots else None
-        for index, chunk in enumerate(step_chunks(slots, self.max_step_bytes)):
-            self._probing = index == 0  # orth_error: the step's first matrix, chunked or not
+        self._health = self._start_health(slots) if self._tracker is not None and slots else None
+        for chunk in step_chunks(slots, self.max_step_bytes):
+            self._probing = (
+                chunk[0].param is self._probe
+            )  # orth_error: the first matrix of the first matrix group
             self._matrix_step(chunk)
+        if self._health is not None:
+            self._tracker.add(self._health)
+            self._health = None
         return loss
+
+    @contextmanager
+    def tracking_health(self) -> Iterator[HealthTracker]:
+        """Measure the steps taken inside the block (optim.health.track_health is the public entry point).
+
+        update_rms: RMS over all matrix elements of lr * (the rule's scaled direction), decoupled weight decay
+        excluded; update_weight_ratio: |update|_F / |W|_F over all matrices together, W before the update;
+        orth_error (NS-based rules): |O O^T - I|_F / sqrt(p) of the first matrix of the first matrix group.
+        """
+        self._tracker = HealthTracker()
+        try:
+            yield self._tracker
+        finally:
+            self._tracker = None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's load, except that matrix-rule state keeps its saved dtype (fp32): torch would cast it to
@@ -272,7 +309,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         )
 
     def _orth_probe(self) -> Callable[[Tensor], None] | None:
-        """The probe for apply_to_whole_matrices: orth_error of the step's first matrix, when tracking."""
+        """The probe for apply_to_whole_matrices: orth_error of the probed matrix, when tracking."""
         if self._health is None or not self.reports_orthogonality or not self._probing:
             return None
         record = self._health.record_orthogonality
@@ -281,16 +318,5 @@ class MatrixOptimizer(torch.optim.Optimizer):
     def _start_health(self, slots: list[MatrixSlot]) -> StepHealth:
         sums = torch.zeros(3, dtype=torch.float32, device=slots[0].weight.device)
         numel = sum(s.rows * s.cols for s in slots)
-        return StepHealth(sums, numel, *shard_groups([s.param for s in slots]))
-
-    def health(self) -> dict[str, float]:
-        """Update statistics of the last step taken with track_health=True ({} if the last step was not).
-
-        update_rms: RMS over all matrix elements of lr * (the rule's scaled direction), decoupled weight decay
-        excluded; update_weight_ratio: |update|_F / |W|_F over all matrices together, W before the update;
-        orth_error (NS-based rules): |O O^T - I|_F / sqrt(p) of the step's first matrix.
-        Collective under sharding: call it on every rank.
-        """
-        if self._health is None:
-            return {}
-        return summarize(self._health, self.reports_orthogonality)
+        groups = shard_groups([s.param for s in slots])
+        return StepHealth(sums, numel, *groups, orthogonality=self.reports_orthogonality)

@@ -23,7 +23,7 @@ def _wide(x: Tensor) -> tuple[Tensor, bool]:
 
 
 def newton_schulz5(g: Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> Tensor:
-    """NS5 of the spec: Frobenius-normalize, then `steps` times X <- aX + (bA + cA^2)X with A = XX^T.
+    """NS5 (docs/optimizers.md): Frobenius-normalize, then `steps` times X <- aX + (bA + cA^2)X with A = XX^T.
 
     The operation order (norm in `dtype`, baddbmm for the fused multiply-adds) is Keller Jordan's / torch's
     Muon, so in bf16 our Muon equals torch.optim.Muon. Cost about steps * (4 p^2 q + 2 p^3) FLOPs per matrix.

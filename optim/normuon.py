@@ -28,7 +28,7 @@ class NorMuon(MatrixOptimizer):
 
     Args:
         params: 2-D matrices, or param groups; groups with algorithm="adamw" are stepped by AdamW.
-        lr: None = the variant's: 1e-3 for "paper" (an AdamW lr, not fixed by the spec), 0.02 for
+        lr: None = the variant's: 1e-3 for "paper" (an AdamW lr, not fixed by the paper), 0.02 for
             "reference_code" (the released code's).
         momentum: b1, 0.95. beta2: b2, 0.95. eps: 1e-8 (both variants; the released code uses 1e-10).
         weight_decay: 0.0 (decoupled). variant: "paper" (default) | "reference_code".

@@ -20,7 +20,7 @@ class SinkGD(MatrixOptimizer):
 
     Args:
         params: 2-D matrices, or param groups; groups with algorithm="adamw" are stepped by AdamW.
-        lr: 1e-3. iters: L, 5. weight_decay: 0.0 (decoupled; an addition to the spec, which has none).
+        lr: 1e-3. iters: L, 5. weight_decay: 0.0 (decoupled; an addition to the papers, which has none).
     """
 
     algorithm = "sinkgd"

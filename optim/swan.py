@@ -22,7 +22,7 @@ class SWAN(MatrixOptimizer):
     Args:
         params: 2-D matrices, or param groups; groups with algorithm="adamw" are stepped by AdamW.
         lr: 1e-3 (the papers' 0.02 times alpha 0.05). eps: GradNorm's, 1e-8.
-        weight_decay: 0.0 (decoupled; an addition to the spec, which has none).
+        weight_decay: 0.0 (decoupled; an addition to the papers, which has none).
         whitening: "coupled" (default) | "ns5".
         ns_steps: None = 10 for coupled, 5 for ns5. ns_dtype: None = "float32" for coupled, "bfloat16" for ns5.
         comm_dtype: dtype of row shards on the wire under FSDP2; None = ns_dtype.

@@ -11,20 +11,20 @@ from pathlib import Path
 import pytest
 import torch
 
-import trainer.checkpoint as ckpt
+import trainer.engines.fsdp2 as fsdp2
 from models import Llama, model_config
 from optim import build_optimizer
 from trainer.checkpoint import (
     Checkpointer,
     CheckpointError,
-    flat_tensors,
     latest_checkpoint,
     list_checkpoints,
     restore_rng,
     rng_states,
 )
 from trainer.config import OptimConfig
-from trainer.engine import FSDP2Engine
+from trainer.engines.dcp import ModelAndOptimizer, flat_tensors
+from trainer.engines.fsdp2 import FSDP2Engine
 
 # Without a process group DCP warns that it saves in one process: that is what these tests do.
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -32,10 +32,24 @@ pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 OPTIMIZERS = ["adamw", "swan", "sinkgd", "normuon", "auon", "hybrid_auon", "muon"]
 
 
-def _engine(optim: str = "adamw", vocab: int = 64) -> FSDP2Engine:
+def _engine(optim: str = "adamw", vocab: int = 64, async_save: bool = False) -> FSDP2Engine:
     torch.manual_seed(0)
     model = Llama(model_config("llama_tiny", vocab_size=vocab, max_seq_len=16))
-    return FSDP2Engine(model, build_optimizer(OptimConfig(name=optim, lr=1e-2), model))
+    optimizer = build_optimizer(OptimConfig(name=optim, lr=1e-2), model)
+    return FSDP2Engine(model, optimizer, max_norm=1.0, async_save=async_save)
+
+
+class Record:
+    """A trainer state for these tests: a dict saved as trainer_state.json and loaded back."""
+
+    def __init__(self, **values):
+        self.values = values
+
+    def state_dict(self) -> dict:
+        return dict(self.values)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.values = dict(state)
 
 
 def _train(engine: FSDP2Engine, steps: int, seed: int) -> float:
@@ -43,7 +57,8 @@ def _train(engine: FSDP2Engine, steps: int, seed: int) -> float:
     for _ in range(steps):
         batch = torch.randint(0, 64, (4, 17), generator=gen)
         loss = engine.forward_backward(list(batch.split(2)))
-        engine.step(engine.grad_norm(), max_norm=1.0)
+        engine.grad_norm()
+        engine.step()
     return loss.item()
 
 
@@ -65,22 +80,24 @@ def _names(directory: Path) -> list[str]:
 
 
 def _save(directory: Path, engine: FSDP2Engine, step: int, keep_last: int = 0, **kw) -> Path:
-    return Checkpointer(directory, keep_last, True, **kw).save(step, engine, {"step": step, "optim": "adamw"})
+    return Checkpointer(directory, keep_last=keep_last, is_main=True, **kw).save(
+        step, engine, Record(step=step, optim="adamw")
+    )
 
 
 def test_commit_is_a_rename_and_keep_last_prunes_only_after_the_newer_one_is_complete(tmp_path, monkeypatch):
     engine = _engine()
     seen_while_writing = []
-    real_save = ckpt.dcp.save
+    real_save = fsdp2.dcp.save
 
     def recording_save(*args, **kwargs):
         seen_while_writing.append(sorted(p.name for p in tmp_path.iterdir()))
         return real_save(*args, **kwargs)
 
-    monkeypatch.setattr(ckpt.dcp, "save", recording_save)
+    monkeypatch.setattr(fsdp2.dcp, "save", recording_save)
     checkpointer = Checkpointer(tmp_path, keep_last=2, is_main=True)
     for step in (1, 2, 3):
-        checkpointer.save(step, engine, {"step": step})
+        checkpointer.save(step, engine, Record(step=step))
     # While step 3 was being written, steps 1 and 2 were both still there; step 1 went only after step 3's rename.
     assert seen_while_writing[-1] == ["step_000001", "step_000002", "step_000003.partial"]
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000002", "step_000003"]
@@ -95,7 +112,7 @@ def test_commit_is_a_rename_and_keep_last_prunes_only_after_the_newer_one_is_com
         tmp_path / "step_000009"
     ).mkdir()  # no metadata, no trainer state: not a checkpoint (and not ours to delete)
     assert latest_checkpoint(tmp_path) == tmp_path / "step_000003"
-    checkpointer.save(5, engine, {"step": 5})
+    checkpointer.save(5, engine, Record(step=5))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000003", "step_000005", "step_000009"]
 
 
@@ -119,7 +136,7 @@ def test_round_trip_continues_bit_for_bit(tmp_path, optim):
 
     fresh = _engine(optim)
     fresh.optimizer.param_groups[0]["lr"] = 123.0  # the checkpoint's hyperparameters replace the fresh ones
-    Checkpointer(tmp_path, 0, True).load(path, fresh)
+    Checkpointer(tmp_path, keep_last=0, is_main=True).load(path, fresh, Record())
     assert [g["lr"] for g in fresh.optimizer.param_groups] == lr_after_save
     assert _train(fresh, 2, seed=2) == expected_loss
     got = _params(fresh)
@@ -134,7 +151,7 @@ def test_dcp_initialising_a_fresh_optimizer_state_leaves_weights_grads_and_state
     in the state, or leave zero grads for the next step to accumulate into."""
     engine = _engine(optim)
     weights = _params(engine)
-    state = flat_tensors(engine.checkpoint_state())  # what Checkpointer.load asks for first
+    state = flat_tensors({"app": ModelAndOptimizer(engine.model, engine.optimizer)})  # what a load asks first
     assert any(".optim.state." in key for key in state)
     assert all(torch.isfinite(t).all() for t in state.values())
     assert all(p.grad is None for p in engine.model.parameters())
@@ -190,7 +207,7 @@ def test_a_damaged_or_incompatible_checkpoint_is_one_line_and_deletes_nothing(
     engine = _engine(**engine_kwargs)
     weights = _params(engine)
     with pytest.raises(CheckpointError) as err:
-        Checkpointer(saved.parent, 1, True).load(saved, engine, expect=expect)
+        Checkpointer(saved.parent, keep_last=1, is_main=True).load(saved, engine, Record(), expect=expect)
     text = str(err.value)
     assert message in text and text.startswith(str(saved)), text
     assert "\n" not in text and "Traceback" not in text
@@ -200,26 +217,26 @@ def test_a_damaged_or_incompatible_checkpoint_is_one_line_and_deletes_nothing(
 
 
 def test_async_save_snapshots_the_state_and_commits_when_the_write_is_done(tmp_path, monkeypatch):
-    engine = _engine()
+    engine = _engine(async_save=True)
     _train(engine, 1, seed=1)
     weight = engine.model.output.weight
     at_save = weight.detach().clone()
 
-    class SlowWriter(ckpt.FileSystemWriter):
+    class SlowWriter(fsdp2.FileSystemWriter):
         def write_data(self, plan, planner):
             time.sleep(0.5)
             return super().write_data(plan, planner)
 
-    monkeypatch.setattr(ckpt, "FileSystemWriter", SlowWriter)
-    checkpointer = Checkpointer(tmp_path, 0, True, async_save=True)
-    path = checkpointer.save(1, engine, {"step": 1})
+    monkeypatch.setattr(fsdp2, "FileSystemWriter", SlowWriter)
+    checkpointer = Checkpointer(tmp_path, keep_last=0, is_main=True)
+    path = checkpointer.save(1, engine, Record(step=1))
     with torch.no_grad():
         weight.add_(1.0)  # training goes on while the checkpoint is written
     assert not path.exists() and path.with_name(path.name + ".partial").is_dir()
     checkpointer.wait()
     assert latest_checkpoint(tmp_path) == path
     fresh = _engine()
-    checkpointer.load(path, fresh)
+    checkpointer.load(path, fresh, Record())
     assert torch.equal(fresh.model.output.weight, at_save)
 
 
@@ -246,22 +263,24 @@ class OwnFormat:
         self.value = value
 
     def save(self, path: Path) -> None:
-        (path / "state.json").write_text(json.dumps(self.value))
+        (path / "state.json").write_text(json.dumps(self.value))  # synchronous: returns None
 
     def load(self, path: Path) -> None:
         self.value = json.loads((path / "state.json").read_text())
 
 
 def test_an_engine_with_its_own_format_gets_the_same_commit_and_one_line_errors(tmp_path):
-    checkpointer = Checkpointer(tmp_path, keep_last=1, is_main=True, async_save=True)  # async: saved in place
+    checkpointer = Checkpointer(tmp_path, keep_last=1, is_main=True)
     for step in (1, 2):
-        assert checkpointer.save(step, OwnFormat(step * 10), {"step": step}) == tmp_path / f"step_00000{step}"
+        saved = checkpointer.save(step, OwnFormat(step * 10), Record(step=step))
+        assert saved == tmp_path / f"step_00000{step}"
     assert _names(tmp_path) == ["step_000002"]
     assert _names(tmp_path / "step_000002") == ["state.json", "trainer_state.json"]
-    engine = OwnFormat(0)
-    assert checkpointer.load(tmp_path / "step_000002", engine) == {"step": 2} and engine.value == 20
+    engine, state = OwnFormat(0), Record()
+    checkpointer.load(tmp_path / "step_000002", engine, state)
+    assert state.values == {"step": 2} and engine.value == 20
     (tmp_path / "step_000002" / "state.json").unlink()
     with pytest.raises(
         CheckpointError, match=r"step_000002: cannot load \(FileNotFoundError: .*state.json'\)$"
     ):
-        checkpointer.load(tmp_path / "step_000002", engine)
+        checkpointer.load(tmp_path / "step_000002", engine, state)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.run_helpers import logged
+from trainer.memory.preflight import available_cpu_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -86,4 +88,39 @@ def test_global_batch_not_divisible_by_world_size_is_a_usage_error(tmp_path: Pat
         "error: train.global_batch_size (12) must be a multiple of train.micro_batch_size (4) x world size (2)"
         in (result.stderr)
     )
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_an_empty_data_source_exits_2_and_leaves_no_run_directory(tmp_path: Path) -> None:
+    (tmp_path / "empty.jsonl").write_text("")
+    result = pretrain(
+        "--config", "tiny_adamw.yaml", f"--train.runs_dir={tmp_path / 'runs'}",
+        f"--data.source={tmp_path / 'empty.jsonl'}", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        == f"error: data source {tmp_path / 'empty.jsonl'}:train has no training documents"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl"]  # no runs/<name>/, no tokenizer.json
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    available_cpu_bytes() > 26 * 2**30, reason="the plan (2 x 13 GiB) fits this machine's RAM"
+)
+def test_a_run_that_cannot_fit_is_refused_by_the_planner_in_seconds(tmp_path: Path) -> None:
+    """seq_len 100000 on the tiny CPU config: the planner's peak per rank (about 13 GiB, mostly activations)
+    times two ranks exceeds this machine's RAM, so the run stops before building the model."""
+    start = time.perf_counter()
+    result = pretrain(
+        "--config", "tiny_swan.yaml", f"--train.runs_dir={tmp_path}", "--train.seq_len=100000", nproc=2
+    )
+    assert time.perf_counter() - start < 10  # torchrun's own start-up included; the check itself takes ~1 s
+    assert result.returncode != 0 and "exitcode  : 2" in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error: memory:")]
+    assert "GiB per rank (forward/backward)" in line and "of available RAM per rank" in line
+    assert "largest term: activations without checkpointing" in line and "train.seq_len 100000" in line
+    assert "train.allow_oversubscribe=true" in line
     assert list(tmp_path.iterdir()) == []

@@ -12,8 +12,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from trainer.corpus import EOS_ID, MarkovCorpus
-from trainer.data import DataError, build_loader, build_tokenizer
+from trainer.data import (
+    DataError,
+    HeldOutSet,
+    TrainStream,
+    build_data,
+    build_tokenizer,
+    open_source,
+    save_tokenizer,
+)
+from trainer.data.markov import EOS_ID, MarkovCorpus
 
 SEQ, BATCH = 32, 8
 VOCABULARY = (
@@ -49,13 +57,25 @@ def english_lines(n: int, seed: int = 0) -> list[str]:
     ]
 
 
+def tokenizer_of(cfg, run_dir=None):
+    """The tokenizer the trainer uses, saved into run_dir when trained (as the trainer does once it starts)."""
+    tokenizer, trained = build_tokenizer(cfg, run_dir)
+    if trained and run_dir is not None:
+        save_tokenizer(tokenizer, run_dir)
+    return tokenizer
+
+
 def loaders(cfg, world: int, split: str = "train", run_dir=None, batch: int = BATCH) -> list:
-    return [
-        build_loader(
-            cfg, seq_len=SEQ, global_batch_size=batch, rank=r, world_size=world, run_dir=run_dir, split=split
-        )
-        for r in range(world)
-    ]
+    """Every rank's TrainStream (split "train") or HeldOutSet (split "eval")."""
+    source, _, _ = open_source(cfg, split, tokenizer_of(cfg, run_dir))
+    shard = {"seq_len": SEQ, "world_size": world}
+    if split == "train":
+        return [TrainStream(source, global_batch_size=batch, rank=r, **shard) for r in range(world)]
+    return [HeldOutSet(source, sequences=cfg.eval_sequences, rank=r, **shard) for r in range(world)]
+
+
+def data(cfg, run_dir=None, batch: int = BATCH):
+    return build_data(cfg, seq_len=SEQ, global_batch_size=batch, rank=0, world_size=1, run_dir=run_dir)
 
 
 def global_batches(ranks: list, steps: int) -> list[torch.Tensor]:
@@ -105,7 +125,7 @@ def test_rows_are_the_document_stream_cut_without_padding_or_overlap():
     docs = MarkovCorpus(512, 1234).documents(split_id=0)
     stream = np.concatenate(list(islice(docs, 50)))
     np.testing.assert_array_equal(rows, stream[: rows.size])
-    assert loader.vocab_size == 512 and int(rows.max()) < 512 and (rows == EOS_ID).any()
+    assert data(make_cfg()).vocab_size == 512 and int(rows.max()) < 512 and (rows == EOS_ID).any()
 
 
 @pytest.mark.parametrize("kind, steps_before", [("generated", 3), ("jsonl", 25), ("hub", 25)])
@@ -160,14 +180,15 @@ def test_txt_jsonl_parquet_and_directory_give_the_same_stream(tmp_path):
 
     streams = {}
     for name in ("docs.txt", "docs.jsonl", "docs.parquet", "folder"):
-        cfg = make_cfg(source=str(tmp_path / name), vocab_size=400)
+        cfg = make_cfg(source=str(tmp_path / name), vocab_size=400, eval_sequences=1)
         (loader,) = loaders(cfg, 1, run_dir=tmp_path / f"run_{name}")
         streams[name] = torch.cat(global_batches([loader], steps=3))
-        assert loader.entropy_floor is None and 257 < loader.vocab_size <= 400
+        facts = data(cfg, run_dir=tmp_path / f"run_{name}")
+        assert facts.entropy_floor is None and 257 < facts.vocab_size <= 400
     for name, stream in streams.items():
         assert torch.equal(stream, streams["docs.txt"]), name
 
-    tokenizer = build_tokenizer(make_cfg(source=str(tmp_path / "docs.txt")), tmp_path / "run_docs.txt")
+    tokenizer = tokenizer_of(make_cfg(source=str(tmp_path / "docs.txt")), tmp_path / "run_docs.txt")
     first = streams["docs.txt"].flatten().tolist()
     eos = first.index(tokenizer.token_to_id("<|endoftext|>"))
     assert tokenizer.decode(first[:eos]) == lines[1]  # line 0 is held out for eval
@@ -178,7 +199,7 @@ def test_train_stream_starts_over_after_the_last_document(tmp_path):
     write_jsonl(tmp_path / "docs.jsonl", lines)
     cfg = make_cfg(source=str(tmp_path / "docs.jsonl"), vocab_size=400)
     (loader,) = loaders(cfg, 1, run_dir=tmp_path / "run")
-    tokenizer = build_tokenizer(cfg, tmp_path / "run")
+    tokenizer = tokenizer_of(cfg, tmp_path / "run")
     train_docs = [t for i, t in enumerate(lines) if i % 100]
     one_pass = [i for enc in tokenizer.encode_batch(train_docs) for i in [*enc.ids, 0]]
     stream = torch.cat(global_batches([loader], steps=(3 * len(one_pass)) // (BATCH * (SEQ + 1))))
@@ -191,16 +212,18 @@ def test_tokenizer_is_saved_to_the_run_dir_and_reused(tmp_path):
     write_jsonl(tmp_path / "docs.jsonl", english_lines(300))
     cfg = make_cfg(source=str(tmp_path / "docs.jsonl"), vocab_size=400)
     run_dir = tmp_path / "run"
-    trained = build_tokenizer(cfg, run_dir)
-    saved = run_dir / "tokenizer.json"
-    assert saved.is_file() and trained.get_vocab_size() > 300
-    reused = build_tokenizer(make_cfg(source=cfg.source, vocab_size=300), run_dir)  # would retrain smaller
-    assert reused.to_str() == trained.to_str()
-    assert (
-        build_tokenizer(make_cfg(source=cfg.source, tokenizer=str(saved)), None).to_str() == trained.to_str()
-    )
-    # Every rank may train its own copy when there is no run dir: training must be deterministic.
-    assert build_tokenizer(cfg, None).to_str() == trained.to_str()
+    trained, is_new = build_tokenizer(cfg, run_dir)
+    assert is_new and not run_dir.exists()  # building writes nothing
+    saved = save_tokenizer(trained, run_dir)
+    assert saved == run_dir / "tokenizer.json" and saved.is_file() and trained.get_vocab_size() > 300
+    reused, is_new = build_tokenizer(
+        make_cfg(source=cfg.source, vocab_size=300), run_dir
+    )  # would retrain smaller
+    assert reused.to_str() == trained.to_str() and not is_new
+    from_file, _ = build_tokenizer(make_cfg(source=cfg.source, tokenizer=str(saved)), None)
+    assert from_file.to_str() == trained.to_str()
+    # Every rank trains its own copy: training must be deterministic.
+    assert build_tokenizer(cfg, None)[0].to_str() == trained.to_str()
 
 
 def test_hub_source_reads_the_configured_splits(fake_hub):
@@ -209,10 +232,10 @@ def test_hub_source_reads_the_configured_splits(fake_hub):
     (held_out,) = loaders(cfg, 1, split="eval")
     # Each loader reads "train" once to train its tokenizer (no run dir to share it), then its own split.
     assert fake_hub.calls == [("someone/stories", "en", s, False) for s in ("train",) * 3 + ("validation",)]
-    tokenizer = build_tokenizer(cfg, None)
+    tokenizer = tokenizer_of(cfg)
     first = train.next_batch()[0].tolist()
     assert tokenizer.decode(first[: first.index(0)]) == fake_hub.splits["train"][0]
-    eval_first = next(held_out.eval_batches(4))[0].tolist()
+    eval_first = next(held_out.batches(4))[0].tolist()
     assert tokenizer.decode(eval_first[: eval_first.index(0)]) == fake_hub.splits["validation"][0]
 
 
@@ -242,6 +265,9 @@ def test_bad_sources_raise_data_error_naming_them(tmp_path, monkeypatch):
         loaders(make_cfg(tokenizer="t5-base"), 1)
     with pytest.raises(DataError, match="vocab_size 4 too small"):
         loaders(make_cfg(vocab_size=4), 1)
+    (tmp_path / "blank.jsonl").write_text("")
+    with pytest.raises(DataError, match="blank.jsonl:train has no training documents"):
+        loaders(make_cfg(source=str(tmp_path / "blank.jsonl")), 1)
 
     import datasets
     import huggingface_hub.constants
@@ -258,18 +284,20 @@ def test_bad_sources_raise_data_error_naming_them(tmp_path, monkeypatch):
 def test_eval_set_is_fixed_sharded_and_disjoint_from_train():
     cfg = make_cfg(eval_sequences=8)
     (single,) = loaders(cfg, 1, split="eval", batch=8)
-    first = list(single.eval_batches(3))
+    first = list(single.batches(3))
     assert [len(b) for b in first] == [3, 3, 2]
-    assert all(torch.equal(a, b) for a, b in zip(first, single.eval_batches(3), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(first, single.batches(3), strict=True))
     full = torch.cat(first)
-    halves = [torch.cat(list(r.eval_batches(4))) for r in loaders(cfg, 2, split="eval", batch=8)]
+    halves = [torch.cat(list(r.batches(4))) for r in loaders(cfg, 2, split="eval", batch=8)]
     assert torch.equal(torch.cat(halves), full)
 
     train_rows = {tuple(r) for b in global_batches(loaders(cfg, 1), 200) for r in b.tolist()}
     assert len(train_rows) == 200 * BATCH
     assert not {tuple(r) for r in full.tolist()} & train_rows
-    with pytest.raises(ValueError, match="split='eval'"):
-        loaders(cfg, 1)[0].eval_batches(3)
+    with pytest.raises(
+        DataError, match=r"data.eval_sequences \(3\) must be a positive multiple of the world size"
+    ):
+        loaders(make_cfg(eval_sequences=3), 2, split="eval")
 
 
 def test_local_eval_holds_out_every_hundredth_document(tmp_path):
@@ -277,14 +305,13 @@ def test_local_eval_holds_out_every_hundredth_document(tmp_path):
     write_jsonl(tmp_path / "docs.jsonl", lines)
     cfg = make_cfg(source=str(tmp_path / "docs.jsonl"), vocab_size=400, eval_sequences=2)
     (held_out,) = loaders(cfg, 1, split="eval", run_dir=tmp_path / "run")
-    tokens = torch.cat(list(held_out.eval_batches(2))).flatten().tolist()
-    tokenizer = build_tokenizer(cfg, tmp_path / "run")
+    tokens = torch.cat(list(held_out.batches(2))).flatten().tolist()
+    tokenizer = tokenizer_of(cfg, tmp_path / "run")
     docs = tokenizer.decode(tokens, skip_special_tokens=False).split("<|endoftext|>")
     assert docs[:2] == [lines[0], lines[100]] and lines[200].startswith(docs[2])
     too_many = make_cfg(source=cfg.source, vocab_size=400, eval_sequences=40)
-    (small,) = loaders(too_many, 1, split="eval", run_dir=tmp_path / "run")
     with pytest.raises(DataError, match=r"only \d sequences of 33 tokens, data.eval_sequences is 40"):
-        small.eval_batches(4)
+        loaders(too_many, 1, split="eval", run_dir=tmp_path / "run")  # read when built: before any write
 
 
 # ---------------------------------------------------------------------------------- generated corpus
@@ -340,5 +367,6 @@ def test_default_corpus_floor_is_learnable_and_below_unigram_entropy():
     counts = np.bincount(tokens, minlength=cfg.vocab_size)
     p = counts[counts > 0] / counts.sum()
     unigram = float(-(p * np.log(p)).sum())
-    assert 1.5 < loader.entropy_floor < 3.0
-    assert loader.entropy_floor < unigram - 2.0 and unigram > 5.0
+    floor = data(cfg).entropy_floor
+    assert 1.5 < floor < 3.0
+    assert floor < unigram - 2.0 and unigram > 5.0

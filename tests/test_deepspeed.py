@@ -21,9 +21,10 @@ from tests.distributed import free_port, run_distributed
 from tests.run_helpers import FAST, logged, train_in_process
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, load_config
-from trainer.engine_deepspeed import check_whole_matrices, unsupported
-from trainer.memory import MiB
-from trainer.memory_plan import plan_memory
+from trainer.engines.deepspeed import check_whole_matrices
+from trainer.memory.planner import plan_memory
+from trainer.memory.tracker import MiB
+from trainer.resolve import resolve
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -164,10 +165,10 @@ def test_resume_is_exact_and_another_zero_stage_is_refused(tmp_path) -> None:
 
 def _skip_runs(root: Path, runs: list[tuple[str, str, list[str]]]) -> dict[str, dict[str, list[float]]]:
     """The loss of every micro-batch of step 3 turns NaN (so do its gradients): the step must be skipped."""
-    import trainer.engine
-    import trainer.engine_deepspeed
+    import trainer.engines.deepspeed
+    import trainer.engines.fsdp2
 
-    real = trainer.engine.causal_lm_loss
+    real = trainer.engines.fsdp2.causal_lm_loss
     calls = []
 
     def poisoned(model, batch):
@@ -177,7 +178,7 @@ def _skip_runs(root: Path, runs: list[tuple[str, str, list[str]]]) -> dict[str, 
         ) // 2 + 1  # two micro-batches per step (FAST: global 8 = micro 2 x 2 x world 2)
         return real(model, batch) * (float("nan") if step == 3 else 1.0)
 
-    trainer.engine.causal_lm_loss = trainer.engine_deepspeed.causal_lm_loss = poisoned
+    trainer.engines.fsdp2.causal_lm_loss = trainer.engines.deepspeed.causal_lm_loss = poisoned
     results = {}
     for run in runs:
         calls.clear()
@@ -239,7 +240,7 @@ def test_matrix_optimizers_above_zero_0_are_refused_in_one_line(tmp_path, config
     assert result.stderr.strip().splitlines() == [
         f"error: optim.name={name} needs parallel.zero_stage=0 with parallel.engine=deepspeed, got {stage}: "
         f"ZeRO-1/2/3 hand the optimizer flattened partitions (deepspeed: adamw at stages 0-3, matrix optimizers "
-        f"at stage 0; fsdp2: every optimizer) ({ROOT / 'configs' / config})"
+        f"at stage 0; fsdp2: every optimizer)"
     ]
     assert list(tmp_path.iterdir()) == []
 
@@ -272,4 +273,9 @@ def test_a_matrix_rule_never_holds_a_flattened_partition() -> None:
 )
 def test_settings_deepspeed_cannot_honour_are_named(overrides, problem) -> None:
     cfg = load_config("tiny_adamw.yaml", [*DEEPSPEED, *overrides])
-    assert unsupported(cfg, world_size=2) == problem
+    try:
+        resolve(cfg, world_size=2, device="cpu")
+        found = None
+    except ConfigError as err:
+        found = str(err)
+    assert found == problem

@@ -3,27 +3,28 @@
 import torch
 from torch import nn
 
+from models import causal_lm_loss
 from tests.distributed import run_distributed
-from trainer.engine import FSDP2Engine, causal_lm_loss
+from trainer.engines.fsdp2 import FSDP2Engine
 
 
 def _clipped_sgd_update(max_norm: float) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
     from models import Llama, model_config
-    from trainer.parallel import apply_fsdp
+    from trainer.engines.fsdp2 import apply_fsdp
 
     torch.manual_seed(0)
     model = Llama(model_config("llama_tiny", vocab_size=64, max_seq_len=16))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     apply_fsdp(model, init_device_mesh("cpu", (torch.distributed.get_world_size(),)))
-    engine = FSDP2Engine(model, torch.optim.SGD(model.parameters(), lr=1.0))
+    engine = FSDP2Engine(model, torch.optim.SGD(model.parameters(), lr=1.0), max_norm=max_norm)
     batch = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(1))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local = batch.chunk(world)[rank]
     loss = engine.forward_backward(list(local.split(1)))
     norm = engine.grad_norm()
-    engine.step(norm, max_norm)
+    engine.step()
     after = {k: v.full_tensor() for k, v in model.state_dict().items()}
     update = torch.cat([(before[k] - after[k]).flatten() for k in before])
     return {"norm": norm, "update_norm": update.norm(), "loss": loss}

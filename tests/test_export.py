@@ -10,7 +10,7 @@ import torch
 from launch.export_hf import load_model, main
 from tests.run_helpers import logged, trained_tiny_run
 from trainer.config import load_config
-from trainer.data import build_loader
+from trainer.data import build_data
 from trainer.train import evaluate
 
 
@@ -24,11 +24,11 @@ def test_the_checkpoint_loads_into_one_process_with_the_trained_weights(run_dir:
     """The resharded plain model gives the eval loss the two-process run logged at its last step."""
     model = load_model(run_dir / "checkpoints" / "step_000003")
     cfg = load_config(str(run_dir / "config.yaml"))
-    eval_loader = build_loader(
-        cfg.data, seq_len=cfg.train.seq_len, global_batch_size=cfg.data.eval_sequences, rank=0, world_size=1,
-        run_dir=run_dir, split="eval",
+    data = build_data(
+        cfg.data, seq_len=cfg.train.seq_len, global_batch_size=cfg.train.global_batch_size, rank=0, world_size=1,
+        run_dir=run_dir,
     )  # fmt: skip
-    loss = evaluate(model, eval_loader, cfg.train.micro_batch_size, torch.device("cpu"))
+    loss = evaluate(model, data.held_out, cfg.train.micro_batch_size, torch.device("cpu"))
     assert loss == pytest.approx(logged(run_dir, "eval/loss")[-1], abs=1e-5)
 
 

@@ -156,7 +156,7 @@ def _nonfinite_runs(root: Path) -> dict[str, str]:
     """Three runs whose gradients and loss turn NaN at chosen steps; returns each run's error ('' if none)."""
     import torch
 
-    from trainer.engine import FSDP2Engine
+    from trainer.engines.fsdp2 import FSDP2Engine
     from trainer.train import NonFiniteError
 
     real = FSDP2Engine.forward_backward

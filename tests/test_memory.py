@@ -12,8 +12,8 @@ from optim import build_optimizer
 from tests.distributed import run_distributed
 from tests.run_helpers import FAST, logged, train_in_process
 from trainer.config import ConfigError, load_config
-from trainer.engine import FSDP2Engine
-from trainer.memory import (
+from trainer.engines.fsdp2 import FSDP2Engine
+from trainer.memory.tracker import (
     MemoryBreakdown,
     MemoryTracker,
     MiB,
@@ -21,6 +21,7 @@ from trainer.memory import (
     optimizer_state_bytes,
     parse_steps,
 )
+from trainer.resolve import resolve
 from trainer.train import build_model
 
 SHAPE = ["--train.micro_batch_size=4", "--train.global_batch_size=4", "--train.seq_len=32"]
@@ -40,7 +41,7 @@ def test_parse_steps_and_config_validation():
 
 def test_optimizer_state_bytes_per_group():
     cfg = load_config("tiny_swan.yaml", SHAPE)
-    model = build_model(cfg, 512, torch.device("cpu"))
+    model = build_model(resolve(cfg, 1, "cpu"), 512, torch.device("cpu"))
     optimizer = build_optimizer(cfg.optim, model)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
@@ -52,7 +53,7 @@ def test_optimizer_state_bytes_per_group():
 
 def _two_tracked_steps() -> dict:
     cfg = load_config("tiny_adamw.yaml", SHAPE)
-    model = build_model(cfg, 512, torch.device("cpu"))
+    model = build_model(resolve(cfg, 1, "cpu"), 512, torch.device("cpu"))
     optimizer = build_optimizer(cfg.optim, model)
     engine = FSDP2Engine(model, optimizer)
     lines: list[str] = []
@@ -60,7 +61,8 @@ def _two_tracked_steps() -> dict:
     for step in (1, 2):
         tracker.begin(step)
         engine.forward_backward([torch.randint(0, 512, (4, 33))])
-        engine.step(engine.grad_norm(), 0.0)
+        engine.grad_norm()
+        engine.step()
         tracker.end(step)
     last = tracker.last
     return {
@@ -121,7 +123,7 @@ def test_trainer_logs_memory_per_rank_and_writes_a_profile(tmp_path, capfd):
     memory = [r for r in records if "memory/peak_mib" in r]
     assert [r["step"] for r in memory] == [2, 3]  # log steps
     cfg = load_config("tiny_swan.yaml", overrides)
-    model = build_model(cfg, 512, torch.device("cpu"))
+    model = build_model(resolve(cfg, 1, "cpu"), 512, torch.device("cpu"))
     half = sum(4 * -(-p.shape[0] // 2) * p[0].numel() for p in model.parameters())  # rank 0's row shards
     assert memory[0]["memory/params_mib"] == pytest.approx(half / MiB)
     assert memory[0]["memory/grads_mib"] == pytest.approx(half / MiB)
@@ -142,13 +144,14 @@ def test_trainer_logs_memory_per_rank_and_writes_a_profile(tmp_path, capfd):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="allocator snapshots need CUDA")
 def test_cuda_snapshot_is_written(tmp_path):
     cfg = load_config("tiny_adamw.yaml", SHAPE)
-    model = build_model(cfg, 512, torch.device("cuda"))
+    model = build_model(resolve(cfg, 1, "cpu"), 512, torch.device("cuda"))
     optimizer = build_optimizer(cfg.optim, model)
     engine = FSDP2Engine(model, optimizer)
     tracker = MemoryTracker(engine, torch.device("cuda"), tmp_path, snapshot_steps="1", info=print)
     tracker.begin(1)
     engine.forward_backward([torch.randint(0, 512, (4, 33), device="cuda")])
-    engine.step(engine.grad_norm(), 0.0)
+    engine.grad_norm()
+    engine.step()
     tracker.end(1)
     snapshot = tmp_path / "memory" / "rank0_step1.pickle"
     assert snapshot.stat().st_size > 0

@@ -10,7 +10,7 @@ from launch.estimate_memory import main as estimate_main
 from models import model_config, num_params
 from tests.distributed import run_distributed
 from trainer.config import ConfigError, load_config
-from trainer.memory_plan import GiB, LiveBytes, plan_memory
+from trainer.memory.planner import GiB, LiveBytes, plan_memory
 
 SHAPE = ["--train.seq_len=32", "--train.global_batch_size=2", "--train.micro_batch_size=2"]
 # (model, optimizer, extra overrides): the issue's six, plus update in backward and activation checkpointing.
@@ -33,7 +33,7 @@ def _config(model: str, optim: str, extra: list[str]):
 def _measure_all(cases: list) -> list[dict]:
     """Two steps of each case in this (world size 1) process: the trainer's accounting and the tensor peak."""
     from trainer.distributed import init_distributed
-    from trainer.memory_probe import measure_steps
+    from trainer.memory.probe import measure_steps
 
     info = init_distributed("cpu", "gloo")
     out = []

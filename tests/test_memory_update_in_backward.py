@@ -7,12 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from optim import build_optimizer
+from optim import build_optimizer, step_params
 from tests.distributed import run_distributed
 from tests.run_helpers import FAST, logged, train_in_process
-from trainer.backward_update import BackwardUpdateEngine, check_update_in_backward, step_params
 from trainer.config import ConfigError, load_config
-from trainer.engine import FSDP2Engine
+from trainer.engines.backward_update import BackwardUpdateEngine
+from trainer.engines.fsdp2 import FSDP2Engine
+from trainer.resolve import resolve
 from trainer.train import build_model
 
 SHAPE = ["--train.micro_batch_size=4", "--train.global_batch_size=4", "--train.seq_len=32"]
@@ -21,30 +22,28 @@ SHAPE = ["--train.micro_batch_size=4", "--train.global_batch_size=4", "--train.s
 def _run_plain(name: str, update_in_backward: bool, steps: int = 3) -> tuple[nn.Module, list[tuple]]:
     """A plain (unsharded) model trained `steps` steps on fixed random batches: (model, per-step numbers)."""
     cfg = load_config(f"tiny_{name}.yaml", SHAPE)
-    model = build_model(cfg, 512, torch.device("cpu"))
+    model = build_model(resolve(cfg, 1, "cpu"), 512, torch.device("cpu"))
     optimizer = build_optimizer(cfg.optim, model)
-    engine = (
-        BackwardUpdateEngine(model, optimizer, cfg, 1)
-        if update_in_backward
-        else FSDP2Engine(model, optimizer)
-    )
+    engine = BackwardUpdateEngine(model, optimizer) if update_in_backward else FSDP2Engine(model, optimizer)
     generator = torch.Generator().manual_seed(0)
     record = []
     for _ in range(steps):
-        optimizer.track_health = True
         for group in optimizer.param_groups:  # a schedule: the hook must see this step's lr
             group["lr"] *= 0.5
         batch = torch.randint(0, 512, (4, 33), generator=generator)
-        loss = engine.forward_backward([batch])
-        norm = engine.grad_norm()
-        engine.step(norm, 0.0)
-        record.append((loss.item(), norm.item(), engine.health()))
+        with engine.health(True) as health:  # the per-parameter steps inside backward add to it
+            loss = engine.forward_backward([batch])
+            norm = engine.grad_norm()
+            engine.step()
+        record.append((loss.item(), norm.item(), health.report()))
     return model, record
 
 
 @pytest.mark.parametrize("name", ["swan", "sinkgd", "adamw", "normuon"])
 def test_plain_model_weights_equal_the_normal_step(name):
-    initial = build_model(load_config(f"tiny_{name}.yaml", SHAPE), 512, torch.device("cpu"))
+    initial = build_model(
+        resolve(load_config(f"tiny_{name}.yaml", SHAPE), 1, "cpu"), 512, torch.device("cpu")
+    )
     normal, normal_record = _run_plain(name, update_in_backward=False)
     in_backward, record = _run_plain(name, update_in_backward=True)
     for (n1, a), (n2, b), p0 in zip(
@@ -61,7 +60,7 @@ def test_plain_model_weights_equal_the_normal_step(name):
 
 def test_step_params_steps_only_the_given_params():
     cfg = load_config("tiny_swan.yaml", SHAPE)
-    model = build_model(cfg, 512, torch.device("cpu"))
+    model = build_model(resolve(cfg, 1, "cpu"), 512, torch.device("cpu"))
     optimizer = build_optimizer(cfg.optim, model)
     generator = torch.Generator().manual_seed(0)
     for p in model.parameters():
@@ -78,8 +77,8 @@ def test_step_params_steps_only_the_given_params():
 
 def test_a_gradient_no_hook_consumed_is_an_error():
     cfg = load_config("tiny_sinkgd.yaml", SHAPE)
-    model = build_model(cfg, 512, torch.device("cpu"))
-    engine = BackwardUpdateEngine(model, build_optimizer(cfg.optim, model), cfg, 1)
+    model = build_model(resolve(cfg, 1, "cpu"), 512, torch.device("cpu"))
+    engine = BackwardUpdateEngine(model, build_optimizer(cfg.optim, model))
     model.extra = nn.Linear(4, 4)  # registered after the engine: no hook, its gradient stays
     original = model.forward
     model.forward = lambda tokens: original(tokens) + model.extra(torch.ones(4)).sum()
@@ -97,9 +96,10 @@ def test_a_gradient_no_hook_consumed_is_an_error():
     ],
 )
 def test_refusals_name_the_setting(overrides, accumulation, message):
-    cfg = load_config("tiny_swan.yaml", ["--optim.update_in_backward=true", *overrides])
+    batch = [f"--train.global_batch_size={4 * accumulation}", "--train.micro_batch_size=4"]
+    cfg = load_config("tiny_swan.yaml", ["--optim.update_in_backward=true", *batch, *overrides])
     with pytest.raises(ConfigError, match=message):
-        check_update_in_backward(cfg, accumulation)
+        resolve(cfg, 1, "cpu")
 
 
 def _train_both(tmp: str, name: str) -> dict:
@@ -122,7 +122,7 @@ def _train_both(tmp: str, name: str) -> dict:
         ]
         cfg = load_config(f"tiny_{name}.yaml", overrides)
         train_in_process(f"tiny_{name}.yaml", overrides)
-        model = build_model(cfg, 512, torch.device("cpu"))
+        model = build_model(resolve(cfg, dist.get_world_size(), "cpu"), 512, torch.device("cpu"))
         state = {"app": {"model": get_model_state_dict(model)}}
         dcp.load(state, checkpoint_id=str(cfg.run_dir / "checkpoints" / "step_000003"))
         out[uib] = {k: v.clone() for k, v in state["app"]["model"].items()}

@@ -2,8 +2,10 @@
 
 import io
 import json
+import time
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from trainer.metrics import MetricsLogger, format_duration
@@ -29,17 +31,31 @@ def test_resume_replaces_the_records_of_repeated_steps(tmp_path) -> None:
     assert [e.value for e in scalars] == pytest.approx([1, 2, 3, 4, 50, 60, 70, 80])
 
 
-def test_progress_line_and_rank_nonzero_is_silent(tmp_path) -> None:
+def test_progress_line_and_rank_nonzero_is_silent(tmp_path, monkeypatch) -> None:
     out = io.StringIO()
+    clock = iter([100.0, 110.0, 0.0])  # the logger starts at 100 s; 50 steps later it is 110 s
+    monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
     log = MetricsLogger(tmp_path, True, False, total_steps=200, stream=out)
-    log.progress(step=50, loss=2.5, tokens_per_s=41_200, elapsed_s=10.0, steps_done=50)
+    log.progress(step=50, loss=2.5, tokens_per_s=41_200)
     assert out.getvalue() == "step 50/200 | loss 2.5000 | 41.2k tok/s | ETA 0m30s\n"
     silent = io.StringIO()
     other = MetricsLogger(tmp_path / "other", False, True, total_steps=10, stream=silent)
-    other.progress(1, 1.0, 1.0, 1.0, 1)
+    other.progress(1, 1.0, 1.0)
     other.log(1, {"loss": 1.0})
     assert silent.getvalue() == "" and not (tmp_path / "other").exists()
 
 
 def test_format_duration() -> None:
     assert [format_duration(s) for s in (5, 75, 3725)] == ["0m05s", "1m15s", "1h02m"]
+
+
+def test_cadence_and_throughput_window(tmp_path, monkeypatch) -> None:
+    clock = iter([0.0, 2.0, 3.0])
+    monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
+    log = MetricsLogger(tmp_path, False, False, total_steps=25, log_every=10)
+    assert [s for s in range(1, 26) if log.is_log_step(s)] == [10, 20, 25]  # every 10th and the last
+    log.count(1000)
+    log.count(1000)
+    assert log.throughput(torch.device("cpu")) == 1000.0  # 2000 tokens in 2 s
+    log.count(500)
+    assert log.throughput(torch.device("cpu")) == 500.0  # a new window: 500 tokens in 1 s

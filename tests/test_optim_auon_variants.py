@@ -1,5 +1,5 @@
 """AuON and HybridAuON, both variants ("paper" and "reference_code"), against float64 references written here
-from the spec (design/optimizers.md, "AuON (Maity 2025) and Hybrid-AuON") and the authors' newest code
+from docs/optimizers.md ("AuON" and "Hybrid-AuON") and the authors' newest code
 (ryyzn9/AuON @bba2e82, auon/optimizer.py), plain torch on whole matrices; plus the variant's defaults, the
 argument check and the all-zero gradient.
 

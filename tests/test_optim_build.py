@@ -10,7 +10,7 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
 from models import Llama, LlamaConfig
-from optim import OPTIMIZERS, SWAN, Muon, NorMuon, SinkGD, build_optimizer, health_of, route_parameters
+from optim import OPTIMIZERS, SWAN, Muon, NorMuon, SinkGD, build_optimizer, route_parameters, track_health
 from trainer.config import OptimConfig
 
 TINY = LlamaConfig(
@@ -116,7 +116,7 @@ def test_build_passes_rule_options():
     [
         ("muon", "whitening", "ns5"),
         ("sinkgd", "ns_steps", 3),
-        ("auon", "variant", "paper"),
+        ("sinkgd", "variant", "paper"),
         ("adamw", "momentum", 0.9),
     ],
 )
@@ -150,22 +150,25 @@ def _update_stats(before, params):
 
 def test_health_is_empty_unless_tracked():
     opt = SinkGD(_params_with_grads())
-    opt.step()
-    assert opt.health() == {}
-    opt.track_health = True
-    opt.step()
-    assert set(opt.health()) == {"update_rms", "update_weight_ratio"}
+    with track_health(opt, enabled=False) as untracked:
+        opt.step()
+    assert untracked.report() == {}
+    with track_health(opt) as tracked:
+        opt.step()
+    assert set(tracked.report()) == {"update_rms", "update_weight_ratio"}
+    opt.step()  # outside a block nothing is measured, and the report of the block stays
+    assert set(tracked.report()) == {"update_rms", "update_weight_ratio"}
 
 
 @pytest.mark.parametrize("cls", [SinkGD, Muon, NorMuon, SWAN])
 def test_health_matches_the_applied_update(cls):
     params = _params_with_grads()
     opt = cls(params, ns_dtype="float32") if cls is not SinkGD else cls(params)
-    opt.track_health = True
     before = [p.detach().clone() for p in params]
-    opt.step()
+    with track_health(opt) as tracked:
+        opt.step()
     rms, ratio = _update_stats(before, params)
-    health = opt.health()
+    health = tracked.report()
     assert health["update_rms"] == pytest.approx(rms, rel=1e-5)
     assert health["update_weight_ratio"] == pytest.approx(ratio, rel=1e-5)
     if cls is SinkGD:
@@ -180,7 +183,8 @@ def test_health_matches_the_applied_update(cls):
 def test_health_of_torch_adamw_recomputes_the_last_update():
     params = _params_with_grads()
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
-    assert health_of(opt) == {}
+    with track_health(opt) as tracked:
+        assert tracked.report() == {}  # no step yet
     before = [p.detach().clone() for p in params]
     opt.step()
     rms, _ = _update_stats(before, params)
@@ -188,7 +192,11 @@ def test_health_of_torch_adamw_recomputes_the_last_update():
         sum((p.detach() - b).square().sum() for p, b in zip(params, before, strict=True))
         / sum(p.detach().square().sum() for p in params)
     )
-    health = health_of(opt)
+    with track_health(opt) as tracked:
+        pass
+    health = tracked.report()
     assert health["update_rms"] == pytest.approx(rms, rel=1e-5)
     assert health["update_weight_ratio"] == pytest.approx(after_ratio, rel=1e-5)
-    assert health_of(torch.optim.SGD(params, lr=0.1)) == {}
+    with track_health(torch.optim.SGD(params, lr=0.1)) as tracked:
+        pass
+    assert tracked.report() == {}

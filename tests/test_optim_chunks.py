@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from optim import OPTIMIZERS
+from optim import OPTIMIZERS, track_health
 from optim.base import MatrixSlot, step_chunks
 from optim.sharded import shard_info
-from trainer.memory import peak_tensor_bytes
+from trainer.memory.tracker import peak_tensor_bytes
 
 
 def _params(seed: int = 0) -> list[torch.Tensor]:
@@ -26,9 +26,9 @@ def _run(name: str, max_step_bytes: int, steps: int = 2) -> tuple[list[torch.Ten
     opt = OPTIMIZERS[name](params, **kwargs)
     opt.max_step_bytes = max_step_bytes
     for _ in range(steps):
-        opt.track_health = True
-        opt.step()
-    return params, opt.health()
+        with track_health(opt) as health:
+            opt.step()
+    return params, health.report()
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))

@@ -31,6 +31,7 @@ from torch.distributed.tensor import DTensor
 
 import optim.base
 from optim import build_optimizer
+from optim.health import track_health
 from optim.newton_schulz import newton_schulz5
 from optim.sharded import ShardInfo, apply_to_whole_matrices
 from tests.distributed import run_distributed
@@ -49,8 +50,18 @@ CASES = {
     "normuon_reference_code": {"name": "normuon", "lr": 0.02, "variant": "reference_code", **F32},
     "auon": {"name": "auon", "lr": 0.24},
     "hybrid_auon": {"name": "hybrid_auon", "lr": 0.24, **F32},
+    "auon_reference_code": {"name": "auon", "lr": 0.08, "variant": "reference_code"},
+    "hybrid_auon_reference_code": {"name": "hybrid_auon", "lr": 0.08, "variant": "reference_code", **F32},
 }
-WHOLE_MATRIX = ("muon", "swan", "swan_ns5", "normuon", "normuon_reference_code", "hybrid_auon")
+WHOLE_MATRIX = (
+    "muon",
+    "swan",
+    "swan_ns5",
+    "normuon",
+    "normuon_reference_code",
+    "hybrid_auon",
+    "hybrid_auon_reference_code",
+)
 # world size -> layout name -> (mesh shape, cases run on it); a 2-D shape is (replicate, shard).
 LAYOUTS: dict[int, dict[str, tuple[tuple[int, ...], tuple[str, ...]]]] = {
     1: {"fsdp1": ((1,), tuple(CASES))},
@@ -200,13 +211,12 @@ def _train(case: str, mesh, save_dir: str | None) -> dict:
     model, opt = _build(case, mesh)
     counts: Counter = Counter()
     for step in range(STEPS):
-        if step == STEPS - 1:
-            if save_dir is not None:
-                model_sd, optim_sd = get_state_dict(model, opt)
-                dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(save_dir, case))
-            opt.track_health = True
-        _step(model, opt, counts)
-    health = opt.health() if hasattr(opt, "health") else {}
+        if step == STEPS - 1 and save_dir is not None:
+            model_sd, optim_sd = get_state_dict(model, opt)
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(save_dir, case))
+        with track_health(opt, enabled=step == STEPS - 1) as tracked:
+            _step(model, opt, counts)
+    health = tracked.report()
     errors = _state_placement_errors(opt) if mesh is not None else []
     if dist.is_initialized():
         matrices = torch.tensor([float(counts["matrices"])])

@@ -1,4 +1,4 @@
-"""Each optimizer against a float64 reference written here from the spec (design/optimizers.md), never from
+"""Each optimizer against a float64 reference written here from docs/optimizers.md, never from
 the implementation; plus the properties every optimizer must have (zero gradient, state_dict round trip,
 1-D params, p.grad untouched, AdamW groups == torch.optim.AdamW, Muon == torch.optim.Muon).
 
@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from optim import SWAN, AuON, HybridAuON, Muon, NorMuon, SinkGD
+from optim.health import track_health
 from optim.newton_schulz import coupled_inverse_sqrt_polar
 
 SHAPES = [(16, 16), (12, 20), (20, 12)]  # square, wide, tall
@@ -180,14 +181,14 @@ def test_zero_gradient_gives_zero_update(name):
     params = _matrices()
     before = [p.detach().clone() for p in params]
     opt = DEFAULT_FACTORIES[name](params)
-    opt.track_health = True
     for p in params:
         p.grad = torch.zeros_like(p)
-    opt.step()
+    with track_health(opt) as tracked:
+        opt.step()
     for p, b in zip(params, before, strict=True):
         assert torch.isfinite(p).all()
         assert torch.equal(p.detach(), b)
-    health = opt.health()
+    health = tracked.report()
     assert health["update_rms"] == 0.0 and math.isfinite(health["update_weight_ratio"])
 
 

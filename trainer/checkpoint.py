@@ -1,26 +1,23 @@
-"""Sharded, atomic, optionally asynchronous checkpoints with torch.distributed.checkpoint (DCP).
+"""Atomic checkpoints of a whole training state: when to save, the commit, keep-last-k, and resume.
 
 Layout of runs/<name>/checkpoints/:
-    step_000100/            complete: DCP shards (one file per rank) + .metadata + trainer_state.json (last)
+    step_000100/            complete: the engine's files (DCP shards + .metadata, or DeepSpeed's) +
+                            trainer_state.json (written last)
     step_000200.partial/    being written (or left by a crash): never loaded, removed by the next save
     step_000050.old/        being deleted by keep_last (or left by a crash): never loaded, removed by the next save
 
-Why this shape: each rank writes only its own shards (no gather to rank 0), DCP's metadata lets a checkpoint load
-at another world size, and a directory becomes `step_N` by one rename after every rank has finished (DCP writes
-.metadata only after every rank's shards are written; trainer_state.json follows it), so a kill at any moment
-leaves either the old or the new checkpoint, never a half one that looks whole.
+Why this shape: every rank writes its own part (the engine's format: DCP shards under FSDP2, reshardable to
+another world size; ZeRO partitions under DeepSpeed), and a directory becomes `step_N` by one rename after every
+rank has finished, trainer_state.json last, so a kill at any moment leaves either the old or the new checkpoint,
+never a half one that looks whole.
 
-Async saves copy the state to CPU memory (the only blocking part), then write it in a background thread whose
-collectives run on a dedicated gloo group, so they never interleave with the training's collectives. The rename
-happens as soon as the write completes; the next save and the end of training wait for it.
+Async saves (FSDP2 with checkpoint.async_save): the engine copies its state to CPU memory (the only blocking
+part) and writes it in the background; the commit follows in a thread as soon as the write completes; the next
+save and the end of training wait for it.
 
-Loading checks what it can before touching any state and reduces every failure to one line (CheckpointError):
-a missing or truncated shard file, a tensor whose shape differs from this run's model, a trainer-state field that
-must match (the optimizer). Nothing is ever deleted on a failed load.
-
-Engines: a DCP engine (FSDP2Engine) hands over its state as DCP Statefuls (`checkpoint_state()`) and gets all of
-the above; an engine with its own format (DeepSpeed) writes and reads its files itself (`save(path)` /
-`load(path)`), synchronously, inside the same partial-directory-then-rename commit.
+Loading reduces every failure to one line (CheckpointError): a missing or truncated shard, a tensor whose shape
+differs from this run's model (trainer/engines/dcp.py checks both before touching any state), a trainer-state
+field that must match (the optimizer). Nothing is ever deleted on a failed load.
 """
 
 from __future__ import annotations
@@ -31,18 +28,17 @@ import os
 import re
 import shutil
 import traceback
-import warnings
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.stateful import Stateful
+
+if TYPE_CHECKING:
+    from trainer.engines import Engine
 
 TRAINER_STATE = "trainer_state.json"
 METADATA = ".metadata"
@@ -82,80 +78,6 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
         return json.loads((path / TRAINER_STATE).read_text())
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path}: unreadable {TRAINER_STATE} ({err})") from None
-
-
-# ------------------------------------------------------------------------------------------------ checks
-
-
-def read_metadata(path: Path) -> Metadata:
-    """DCP's index of the checkpoint: every tensor's global shape and which file holds which bytes."""
-    try:
-        return FileSystemReader(str(path)).read_metadata()
-    except Exception as err:  # a damaged pickle raises anything from EOFError to UnpicklingError
-        raise CheckpointError(f"{path}: unreadable {METADATA} ({type(err).__name__}: {err})") from None
-
-
-def check_shards(path: Path, metadata: Metadata) -> None:
-    """Every shard file the metadata points to exists and is long enough (catches lost or truncated files)."""
-    needed: dict[str, int] = {}
-    for info in metadata.storage_data.values():
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
-    for name, size in sorted(needed.items()):
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"{path}: missing shard file {name}")
-        if file.stat().st_size < size:
-            raise CheckpointError(
-                f"{path}: shard file {name} is truncated ({file.stat().st_size} of {size} bytes)"
-            )
-
-
-def check_fits(path: Path, metadata: Metadata, state: Mapping[str, Any]) -> None:
-    """Every tensor this run will load exists in the checkpoint with the same global shape."""
-    saved = metadata.state_dict_metadata
-    for key, tensor in flat_tensors(state).items():
-        shown = key.removeprefix("app.")
-        if key not in saved:
-            raise CheckpointError(f"{path}: has no {shown} (saved by another model or optimizer?)")
-        entry = saved[key]
-        if not isinstance(entry, TensorStorageMetadata):
-            raise CheckpointError(f"{path}: {shown} is not a tensor in the checkpoint")
-        if tuple(entry.size) != tuple(tensor.shape):
-            raise CheckpointError(
-                f"{path}: size mismatch for {shown}: saved {list(entry.size)} vs this run's {list(tensor.shape)}"
-            )
-
-
-def load_state(path: Path, state: Mapping[str, Any]) -> None:
-    """DCP-load `state` in place from `path` after checking shard files and shapes; any failure is one line.
-
-    Works with or without a process group (without one, e.g. for export, one process reads every shard).
-    """
-    metadata = read_metadata(path)
-    check_shards(path, metadata)
-    check_fits(path, metadata, state)
-    try:
-        with warnings.catch_warnings():  # no process group: DCP warns that it loads in one process, as meant
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(dict(state), checkpoint_id=str(path))
-    except BaseException as err:  # dcp's CheckpointException derives from BaseException
-        if not isinstance(err, Exception) and not hasattr(err, "failures"):
-            raise  # KeyboardInterrupt, SystemExit
-        raise CheckpointError(f"{path}: cannot load ({one_line(err)})") from None
-
-
-def flat_tensors(state: Mapping[str, Any], prefix: str = "") -> dict[str, torch.Tensor]:
-    """Tensors of a nested state dict under DCP's dotted keys ("app.model.layers.0.attention.wq.weight")."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Stateful) and not isinstance(value, Mapping):
-            value = value.state_dict()
-        if isinstance(value, Mapping):
-            out.update(flat_tensors(value, f"{name}."))
-        elif isinstance(value, torch.Tensor):
-            out[name] = value
-    return out
 
 
 def one_line(err: BaseException) -> str:
@@ -208,42 +130,40 @@ def _decode(text: str) -> torch.Tensor:
 # -------------------------------------------------------------------------------------------- checkpointer
 
 
-class DCPEngine(Protocol):
-    def checkpoint_state(self) -> dict[str, Stateful]:
-        """Model and optimizer state as DCP Statefuls (DTensor-sharded: each rank saves its own shards)."""
-        ...
-
-
-class OwnFormatEngine(Protocol):
-    def save(self, path: Path) -> None:
-        """Every rank writes its own files under `path` (an existing directory)."""
-        ...
-
-    def load(self, path: Path) -> None: ...
-
-
 class Checkpointer:
-    """Saves and restores the whole training state under one run's checkpoints/ directory.
+    """Decides when to save, saves and restores the whole training state under one run's checkpoints/.
 
-    `engine` provides model + optimizer state (DCPEngine or OwnFormatEngine); `trainer_state` is the JSON side
-    (step, tokens, data position, RNG, config), written by rank 0 as the last file before the rename.
+    Two parts: the engine's model + optimizer state (its own format, `engine.save` / `engine.load`) and the
+    trainer's state (a Stateful: step, tokens, data position, RNG), written by rank 0 as trainer_state.json,
+    the last file before the rename, together with `identity` (model, optimizer, world size, config).
     """
 
-    def __init__(self, ckpt_dir: Path, keep_last: int, is_main: bool, async_save: bool = False):
-        self.dir = ckpt_dir
-        self.keep_last = keep_last
-        self.is_main = is_main
-        self.async_save = async_save
+    def __init__(
+        self,
+        ckpt_dir: Path,
+        *,
+        keep_last: int,
+        is_main: bool,
+        every: int = 0,
+        total_steps: int = 0,
+        identity: Mapping[str, Any] | None = None,
+    ):
+        self.dir, self.every, self.total_steps = ckpt_dir, every, total_steps
+        self.keep_last, self.is_main = keep_last, is_main
+        self.identity = dict(identity or {})
         self._pending: Future | None = None
-        self._committer = ThreadPoolExecutor(max_workers=1) if async_save and is_main else None
-        # Background writes synchronise ranks over their own gloo group (a collective, so built on every rank).
-        self._group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
+        self._committer = ThreadPoolExecutor(max_workers=1) if is_main else None
 
-    def save(self, step: int, engine: DCPEngine | OwnFormatEngine, trainer_state: dict[str, Any]) -> Path:
+    def due(self, step: int) -> bool:
+        """Every `every` steps (0: never) and at the last step."""
+        return (self.every > 0 and step % self.every == 0) or step == self.total_steps
+
+    def save(self, step: int, engine: Engine, state: Stateful) -> Path:
         """Write the engine's state into step_N.partial, then trainer_state.json and the rename (rank 0).
 
-        Sync: returns when step_N is committed. Async (DCP engines): returns once the state is copied to CPU
-        memory; the write and the commit continue in the background (`wait()` blocks until they are done).
+        Collective. Sync engines: returns when step_N is committed. An engine whose save returns a Future (async
+        DCP): returns once the state is copied to CPU memory; the write and the commit continue in the
+        background (`wait()` blocks until they are done).
         """
         self.wait()
         final = self.dir / step_dir_name(step)
@@ -253,13 +173,9 @@ class Checkpointer:
                 shutil.rmtree(stale, ignore_errors=True)
             partial.mkdir(parents=True, exist_ok=True)
         _barrier()
-        dcp_engine = hasattr(engine, "checkpoint_state")
-        if dcp_engine and self.async_save:
-            # FileSystemWriter is an AsyncStager: async_save copies the state to CPU memory before returning.
-            writer = FileSystemWriter(str(partial))
-            written = dcp.async_save(
-                engine.checkpoint_state(), storage_writer=writer, process_group=self._group
-            )
+        trainer_state = {**state.state_dict(), **self.identity}  # collective (RNG states are gathered)
+        written = engine.save(partial)
+        if written is not None:
             if self._committer is None:
                 self._pending = written
             else:  # rank 0's write completes after every rank's shards and the metadata are on disk
@@ -267,11 +183,7 @@ class Checkpointer:
                     lambda: (written.result(), self._commit(partial, final, trainer_state))
                 )
             return final
-        if dcp_engine:  # returns on rank 0 only after every rank's shards and the metadata are written
-            dcp.save(engine.checkpoint_state(), storage_writer=FileSystemWriter(str(partial)))
-        else:
-            engine.save(partial)
-            _barrier()  # an own format makes no promise about the other ranks when rank 0 returns
+        _barrier()  # an engine's format makes no promise about the other ranks when rank 0 returns
         if self.is_main:
             self._commit(partial, final, trainer_state)
         _barrier()
@@ -284,9 +196,9 @@ class Checkpointer:
             pending.result()
 
     def load(
-        self, path: Path, engine: DCPEngine | OwnFormatEngine, expect: Mapping[str, Any] | None = None
-    ) -> dict[str, Any]:
-        """Restore the engine's state in place from a complete checkpoint; return its trainer state.
+        self, path: Path, engine: Engine, state: Stateful, expect: Mapping[str, Any] | None = None
+    ) -> None:
+        """Restore the engine's and the trainer's state in place from a complete checkpoint.
 
         `expect`: trainer-state fields that must match this run (e.g. {"optim": "normuon"}). Raises
         CheckpointError with one line naming the problem; never deletes anything.
@@ -299,14 +211,13 @@ class Checkpointer:
                 raise CheckpointError(
                     f"{path}: saved with {key} {trainer_state.get(key)!r}, this run has {value!r}"
                 )
-        if hasattr(engine, "checkpoint_state"):
-            load_state(path, engine.checkpoint_state())
-            return trainer_state
         try:
             engine.load(path)
+        except CheckpointError:
+            raise
         except Exception as err:
             raise CheckpointError(f"{path}: cannot load ({one_line(err)})") from None
-        return trainer_state
+        state.load_state_dict(trainer_state)
 
     def _commit(self, partial: Path, final: Path, trainer_state: dict[str, Any]) -> None:
         """trainer_state.json (fsynced) last, then one rename makes the checkpoint visible; then keep_last."""

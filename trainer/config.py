@@ -1,8 +1,10 @@
 """Typed run configuration: one dataclass per concern, mirrored 1:1 by the YAML files in configs/.
 
 Why so strict: a typo in a key of a multi-day run's config must fail in the first second, naming the key and the
-file, not silently fall back to a default. Every error here is a `ConfigError` whose message is one line; the
-launcher prints it and exits with code 2 before anything is written.
+file, not silently fall back to a default. Each field carries its own check next to its declaration (range,
+choices, an existing file); checks that relate several fields, or the config to the launch, live in
+trainer/resolve.py. Every error is a `ConfigError` whose message is one line; the launcher prints it and exits
+with code 2 before anything is written.
 """
 
 from __future__ import annotations
@@ -11,112 +13,183 @@ import dataclasses
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from optim import OPTIMIZER_NAMES
+from trainer.data.sources import is_local_source
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+STEP_LIST = re.compile(r"^(\d+(-\d+)?(,\d+(-\d+)?)*)?$")  # "", "3", "1-3", "2,5-7"
 
 
 class ConfigError(ValueError):
     """A user-facing, one-line configuration problem (bad key, type, value or missing file)."""
 
 
+Check = Callable[[Any], "str | None"]  # the problem with a value, or None
+
+
+def positive(v: Any) -> str | None:
+    return None if v > 0 else f"must be > 0, got {v}"
+
+
+def non_negative(v: Any) -> str | None:
+    return None if v >= 0 else f"must be >= 0, got {v}"
+
+
+def unit_interval(v: Any) -> str | None:
+    return None if 0.0 <= v <= 1.0 else f"must be in [0, 1], got {v}"
+
+
+def one_of(*choices: Any) -> Check:
+    def check(v: Any) -> str | None:
+        if v is None or v in choices:
+            return None
+        return f"{v!r} is not one of {', '.join(map(str, choices))}"
+
+    check.choices = choices  # type: ignore[attr-defined]
+    return check
+
+
+def step_list(v: str) -> str | None:
+    return (
+        None
+        if STEP_LIST.match(v.replace(" ", ""))
+        else f"expected steps like '3', '1-3' or '2,5-7', got {v!r}"
+    )
+
+
+def plain_name(v: str) -> str | None:
+    ok = v and "/" not in v and v not in (".", "..")
+    return None if ok else f"must be a plain directory name, got {v!r}"
+
+
+def existing_source(v: str) -> str | None:
+    missing = is_local_source(v) and not Path(v).expanduser().exists()
+    return f"no such file or directory {v}" if missing else None
+
+
+def existing_tokenizer(v: str) -> str | None:
+    missing = v.endswith(".json") and not Path(v).expanduser().is_file()
+    return f"no such file {v}" if missing else None
+
+
+def existing_checkpoint(v: str) -> str | None:
+    return f"no such checkpoint directory {v}" if v and not Path(v).is_dir() else None
+
+
+def checked(default: Any, check: Check) -> Any:
+    """A dataclass field whose value `check` validates when a config is loaded."""
+    return field(default=default, metadata={"check": check})
+
+
 @dataclass
 class ModelConfig:
     name: str = "llama_tiny"
-    vocab_size: int = 0  # 0: the registry's size; for sizes without one (llama_tiny), the data's vocabulary
+    vocab_size: int = checked(0, non_negative)  # 0: the registry's size, or the data's (llama_tiny, llama_3m)
 
 
 @dataclass
 class DataConfig:
-    source: str = "generated"  # "generated" | local .txt/.jsonl/.parquet file or directory | HF dataset name
+    # "generated" | local .txt/.jsonl/.parquet file or directory | HF dataset name
+    source: str = checked("generated", existing_source)
     subset: str = ""  # HF config name, e.g. "en" for allenai/c4
     split: str = "train"
     eval_split: str = "validation"
     streaming: bool = True
     text_field: str = "text"
-    tokenizer: str = ""  # "" = none for generated data, else a BPE trained on the source; path; or hub name
-    vocab_size: int = 512  # generated corpus vocabulary and BPE target size
+    # "" = none for generated data, else a BPE trained on the source; path; or hub name
+    tokenizer: str = checked("", existing_tokenizer)
+    vocab_size: int = checked(512, positive)  # generated corpus vocabulary and BPE target size
     generated_seed: int = 1234
-    generated_order: int = 1  # the next token depends on the last 1 or 2 (2: needs attention + MLP)
-    eval_sequences: int = 64
+    generated_order: int = checked(1, one_of(1, 2))  # the next token depends on the last 1 or 2 tokens
+    eval_sequences: int = checked(64, positive)
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | swan | sinkgd | normuon | auon | hybrid_auon | muon
-    lr: float = 1e-3  # peak lr of the matrix rule (or of plain AdamW)
-    weight_decay: float = 0.0
+    name: str = checked("adamw", one_of(*OPTIMIZER_NAMES))
+    lr: float = checked(1e-3, positive)  # peak lr of the matrix rule (or of plain AdamW)
+    weight_decay: float = checked(0.0, non_negative)
     adamw_lr: float | None = None  # lr of the AdamW-routed params (embedding, head, norms); None = lr
     adamw_weight_decay: float | None = None  # None = weight_decay
-    beta1: float = 0.9
-    beta2: float = 0.999
+    beta1: float = checked(0.9, unit_interval)
+    beta2: float = checked(0.999, unit_interval)
     eps: float = 1e-8
-    momentum: float | None = None  # None everywhere below = the optimizer's spec default
+    momentum: float | None = None  # None everywhere below = the optimizer's default (docs/optimizers.md)
     nesterov: bool | None = None
     ns_steps: int | None = None
-    ns_dtype: str | None = None
+    ns_dtype: str | None = checked(None, one_of("bfloat16", "float32"))
     variant: str | None = None
     whitening: str | None = None
     sinkgd_iters: int | None = None
-    comm_dtype: str | None = None  # dtype of row shards sent to Newton-Schulz owners; None = ns_dtype
+    # dtype of row shards sent to Newton-Schulz owners; None = ns_dtype
+    comm_dtype: str | None = checked(None, one_of("bfloat16", "float32"))
     # Apply each parameter's update during backward as soon as its gradient is complete and free the gradient
-    # (trainer/backward_update.py); needs no accumulation, grad_clip 0 and on_nonfinite stop.
+    # (trainer/engines/backward_update.py); needs no accumulation, grad_clip 0 and on_nonfinite stop.
     update_in_backward: bool = False
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 200
-    global_batch_size: int = 16  # sequences per optimizer step, all ranks together
-    micro_batch_size: int = 8  # sequences per forward/backward on one rank
-    seq_len: int = 128
+    steps: int = checked(200, positive)
+    global_batch_size: int = checked(16, positive)  # sequences per optimizer step, all ranks together
+    micro_batch_size: int = checked(8, positive)  # sequences per forward/backward on one rank
+    seq_len: int = checked(128, positive)
     seed: int = 0
-    run_name: str = "tiny"  # the run directory is <runs_dir>/<run_name>/
+    run_name: str = checked("tiny", plain_name)  # the run directory is <runs_dir>/<run_name>/
     runs_dir: str = "runs"
-    schedule: str = "cosine"  # cosine | wsd | constant
-    warmup_ratio: float = 0.1  # fraction of steps of linear warmup
-    min_lr_ratio: float = 0.1  # final lr as a fraction of the peak (cosine and WSD)
-    decay_ratio: float = 0.2  # WSD: fraction of steps spent in the final decay
-    grad_clip: float = 0.0  # max global grad norm of the raw gradients; 0 = off
-    eval_every: int = 50  # 0 = only at the end
-    on_nonfinite: str = "stop"  # stop | skip: what a non-finite loss or gradient does
-    max_skips: int = 3  # with on_nonfinite=skip: stop after this many consecutive skipped steps
+    schedule: str = checked("cosine", one_of("cosine", "wsd", "constant"))
+    warmup_ratio: float = checked(0.1, unit_interval)  # fraction of steps of linear warmup
+    min_lr_ratio: float = checked(0.1, unit_interval)  # final lr as a fraction of the peak (cosine and WSD)
+    decay_ratio: float = checked(0.2, unit_interval)  # WSD: fraction of steps spent in the final decay
+    grad_clip: float = checked(0.0, non_negative)  # max global grad norm of the raw gradients; 0 = off
+    eval_every: int = checked(50, non_negative)  # 0 = only at the end
+    # stop | skip: what a non-finite loss or gradient does
+    on_nonfinite: str = checked("stop", one_of("stop", "skip"))
+    max_skips: int = checked(3, non_negative)  # with on_nonfinite=skip: stop after this many in a row
+    # Start even when the memory planner predicts more memory per rank than the device has (trainer/memory).
+    allow_oversubscribe: bool = False
 
 
 @dataclass
 class ParallelConfig:
-    engine: str = "fsdp2"  # fsdp2 | deepspeed
-    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
-    device: str = "auto"  # auto | cpu | cuda
-    dp_replicate: int = 1  # HSDP: replicas (e.g. nodes) x shards within one replica
+    engine: str = checked("fsdp2", one_of("fsdp2", "deepspeed"))
+    backend: str = checked("auto", one_of("auto", "nccl", "gloo"))  # auto: nccl on GPU, gloo on CPU
+    device: str = checked("auto", one_of("auto", "cpu", "cuda"))
+    dp_replicate: int = checked(1, positive)  # HSDP: replicas (e.g. nodes) x shards within one replica
     dp_shard: int = -1  # -1 = world_size / dp_replicate
-    mixed_precision: str = "auto"  # auto (bf16 params + fp32 reduce on GPU, fp32 on CPU) | bf16 | fp32
+    # auto (bf16 params + fp32 reduce on GPU, fp32 on CPU) | bf16 | fp32
+    mixed_precision: str = checked("auto", one_of("auto", "bf16", "fp32"))
     activation_checkpointing: bool = False
     compile: bool = False
-    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3 (engine deepspeed); matrix optimizers need 0
+    zero_stage: int = checked(0, one_of(0, 1, 2, 3))  # DeepSpeed ZeRO stage (engine deepspeed)
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 0  # save every N steps; 0 = only at the end
-    keep_last: int = 2  # complete checkpoints kept; older ones are removed once a newer one is complete
+    every: int = checked(0, non_negative)  # save every N steps; 0 = only at the end
+    # complete checkpoints kept; older ones are removed once a newer one is complete
+    keep_last: int = checked(2, non_negative)
     async_save: bool = False
     resume: bool = True  # re-running the same command continues from the latest complete checkpoint
-    resume_from: str = ""  # explicit checkpoint directory to resume from
+    resume_from: str = checked("", existing_checkpoint)  # explicit checkpoint directory to resume from
 
 
 @dataclass
 class MetricsConfig:
-    log_every: int = 10
+    log_every: int = checked(10, positive)
     tensorboard: bool = True
-    peak_tflops: float = 0.0  # per-device peak for MFU; 0 = detect known GPUs (none on CPU)
+    peak_tflops: float = checked(0.0, non_negative)  # per-device peak for MFU; 0 = detect known GPUs
     memory: bool = True  # per-rank memory by component: a table after the first step, memory/* on log steps
-    memory_snapshot_steps: str = ""  # CUDA allocator snapshots of these steps ("1-3", "2,10") in <run>/memory
-    profile_steps: str = ""  # torch.profiler traces of these steps in <run>/tb/profile (CPU and CUDA)
+    # CUDA allocator snapshots of these steps ("1-3", "2,10") in <run>/memory
+    memory_snapshot_steps: str = checked("", step_list)
+    profile_steps: str = checked("", step_list)  # torch.profiler traces of these steps in <run>/tb/profile
 
 
 @dataclass
@@ -137,61 +210,21 @@ class Config:
         return dataclasses.asdict(self)
 
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "optim.name": ("adamw", "swan", "sinkgd", "normuon", "auon", "hybrid_auon", "muon"),
-    "optim.ns_dtype": ("bfloat16", "float32"),
-    "optim.comm_dtype": ("bfloat16", "float32"),
-    "train.schedule": ("cosine", "wsd", "constant"),
-    "train.on_nonfinite": ("stop", "skip"),
-    "parallel.engine": ("fsdp2", "deepspeed"),
-    "parallel.backend": ("auto", "nccl", "gloo"),
-    "parallel.device": ("auto", "cpu", "cuda"),
-    "parallel.mixed_precision": ("auto", "bf16", "fp32"),
+def _fields() -> dict[str, dataclasses.Field]:
+    """Every config field by its dotted key, e.g. 'train.steps'."""
+    return {
+        f"{section.name}.{f.name}": f
+        for section in dataclasses.fields(Config)
+        for f in dataclasses.fields(section.default_factory)  # type: ignore[arg-type]
+    }
+
+
+# The allowed values of every field with a fixed set of choices, by dotted key.
+CHOICES: dict[str, tuple[Any, ...]] = {
+    key: f.metadata["check"].choices
+    for key, f in _fields().items()
+    if hasattr(f.metadata.get("check"), "choices")
 }
-
-POSITIVE = (
-    "train.steps",
-    "train.global_batch_size",
-    "train.micro_batch_size",
-    "train.seq_len",
-    "data.vocab_size",
-    "data.eval_sequences",
-    "metrics.log_every",
-    "parallel.dp_replicate",
-)
-NON_NEGATIVE = (
-    "optim.weight_decay",
-    "train.grad_clip",
-    "train.eval_every",
-    "checkpoint.every",
-    "checkpoint.keep_last",
-    "model.vocab_size",
-    "metrics.peak_tflops",
-    "train.max_skips",
-)
-STEP_LISTS = ("metrics.memory_snapshot_steps", "metrics.profile_steps")
-STEP_LIST = re.compile(r"^(\d+(-\d+)?(,\d+(-\d+)?)*)?$")  # "", "3", "1-3", "2,5-7"
-UNIT_INTERVAL = (
-    "train.warmup_ratio",
-    "train.min_lr_ratio",
-    "train.decay_ratio",
-    "optim.beta1",
-    "optim.beta2",
-)
-
-
-LOCAL_DATA_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
-
-
-def looks_like_local_path(source: str) -> bool:
-    """Hub names look like `allenai/c4`; local data is a path with a data suffix or an explicit path prefix."""
-    if source == "generated":
-        return False
-    return (
-        source.endswith(LOCAL_DATA_SUFFIXES)
-        or source.startswith(("/", "./", "../", "~"))
-        or Path(source).exists()
-    )
 
 
 def resolve_config_path(name: str) -> Path:
@@ -236,65 +269,14 @@ def _set(cfg: Config, key: str, value: Any, where: str) -> None:
     setattr(section, name, _coerce(value, types_[name], key, where))
 
 
-def deepspeed_support_error(zero_stage: int, optim_name: str) -> str | None:
-    """Why DeepSpeed cannot run this optimizer at this ZeRO stage, or None: ZeRO-1/2/3 hand the optimizer flat
-    1-D partitions that cut across matrices, and a matrix rule must only ever see whole matrices."""
-    if zero_stage == 0 or optim_name == "adamw":
-        return None
-    return (
-        f"optim.name={optim_name} needs parallel.zero_stage=0 with parallel.engine=deepspeed, got {zero_stage}: "
-        f"ZeRO-1/2/3 hand the optimizer flattened partitions (deepspeed: adamw at stages 0-3, matrix optimizers "
-        f"at stage 0; fsdp2: every optimizer)"
-    )
-
-
 def _validate(cfg: Config, where: str) -> None:
-    def get(key: str) -> Any:
+    """Run every field's own check (cross-field checks: trainer/resolve.py)."""
+    for key, f in _fields().items():
+        check = f.metadata.get("check")
         section, name = key.split(".")
-        return getattr(getattr(cfg, section), name)
-
-    for key, choices in CHOICES.items():
-        if get(key) is not None and get(key) not in choices:
-            raise ConfigError(f"{key}: {get(key)!r} is not one of {', '.join(choices)} ({where})")
-    for key in POSITIVE:
-        if get(key) <= 0:
-            raise ConfigError(f"{key}: must be > 0, got {get(key)} ({where})")
-    for key in NON_NEGATIVE:
-        if get(key) < 0:
-            raise ConfigError(f"{key}: must be >= 0, got {get(key)} ({where})")
-    for key in UNIT_INTERVAL:
-        if not 0.0 <= get(key) <= 1.0:
-            raise ConfigError(f"{key}: must be in [0, 1], got {get(key)} ({where})")
-    if cfg.data.generated_order not in (1, 2):
-        raise ConfigError(f"data.generated_order: must be 1 or 2, got {cfg.data.generated_order} ({where})")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"optim.lr: must be > 0, got {cfg.optim.lr} ({where})")
-    for key in STEP_LISTS:
-        if not STEP_LIST.match(get(key).replace(" ", "")):
-            raise ConfigError(f"{key}: expected steps like '3', '1-3' or '2,5-7', got {get(key)!r} ({where})")
-    stage = cfg.parallel.zero_stage
-    if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"parallel.zero_stage: must be 0, 1, 2 or 3, got {stage} ({where})")
-    unsupported = cfg.parallel.engine == "deepspeed" and deepspeed_support_error(stage, cfg.optim.name)
-    if unsupported:
-        raise ConfigError(f"{unsupported} ({where})")
-    if cfg.train.global_batch_size % cfg.train.micro_batch_size:
-        raise ConfigError(
-            f"train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of "
-            f"train.micro_batch_size ({cfg.train.micro_batch_size}) ({where})"
-        )
-    if not cfg.train.run_name or "/" in cfg.train.run_name or cfg.train.run_name in (".", ".."):
-        raise ConfigError(
-            f"train.run_name: must be a plain directory name, got {cfg.train.run_name!r} ({where})"
-        )
-    if looks_like_local_path(cfg.data.source) and not Path(cfg.data.source).expanduser().exists():
-        raise ConfigError(f"data.source: no such file or directory {cfg.data.source} ({where})")
-    if cfg.data.tokenizer.endswith(".json") and not Path(cfg.data.tokenizer).expanduser().is_file():
-        raise ConfigError(f"data.tokenizer: no such file {cfg.data.tokenizer} ({where})")
-    if cfg.checkpoint.resume_from and not Path(cfg.checkpoint.resume_from).is_dir():
-        raise ConfigError(
-            f"checkpoint.resume_from: no such checkpoint directory {cfg.checkpoint.resume_from}"
-        )
+        problem = check(getattr(getattr(cfg, section), name)) if check else None
+        if problem:
+            raise ConfigError(f"{key}: {problem} ({where})")
 
 
 def parse_overrides(argv: list[str]) -> list[tuple[str, str]]:

@@ -20,10 +20,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 @dataclass(frozen=True)
 class DistInfo:
     rank: int
-    local_rank: int
     world_size: int
     device: torch.device
-    backend: str
 
     @property
     def is_main(self) -> bool:
@@ -82,21 +80,14 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: int
         if store is not None:
             kwargs.update(store=store, rank=rank, world_size=world)
         dist.init_process_group(backend, timeout=timeout, **kwargs)
-    return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=dev, backend=backend)
+    return DistInfo(rank=rank, world_size=world, device=dev)
 
 
 def build_mesh(info: DistInfo, dp_replicate: int = 1, dp_shard: int = -1) -> DeviceMesh:
-    """1-D mesh ("dp_shard",) for FSDP, or 2-D ("dp_replicate", "dp_shard") for HSDP."""
+    """1-D mesh ("dp_shard",) for FSDP, or 2-D ("dp_replicate", "dp_shard") for HSDP (sizes checked by
+    trainer/resolve.py)."""
     if dp_shard == -1:
-        if info.world_size % dp_replicate:
-            raise ValueError(
-                f"world size {info.world_size} is not divisible by parallel.dp_replicate={dp_replicate}"
-            )
         dp_shard = info.world_size // dp_replicate
-    if dp_replicate * dp_shard != info.world_size:
-        raise ValueError(
-            f"parallel.dp_replicate ({dp_replicate}) x parallel.dp_shard ({dp_shard}) != world size {info.world_size}"
-        )
     if dp_replicate == 1:
         return init_device_mesh(info.device.type, (dp_shard,), mesh_dim_names=("dp_shard",))
     return init_device_mesh(

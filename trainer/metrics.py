@@ -1,6 +1,8 @@
 """Where numbers go: runs/<name>/metrics.jsonl, TensorBoard (runs/<name>/tb) and one console line per log step.
 
-Only rank 0 writes; the trainer reduces values across ranks before handing them here.
+The logger owns its cadence (`is_log_step`) and its throughput window (`count` tokens as steps finish,
+`throughput()` at a log step). Only rank 0 writes; the trainer reduces values across ranks before handing
+them here.
 """
 
 from __future__ import annotations
@@ -42,12 +44,15 @@ class MetricsLogger:
         total_steps: int,
         resumed_step: int = 0,
         stream: TextIO = sys.stdout,
+        log_every: int = 10,
     ):
         """`resumed_step`: the step of the checkpoint this run resumed from. Records logged after it by an
         earlier attempt (steps that are about to be trained again) are dropped, so every step appears once."""
         self.enabled = enabled
-        self.total_steps = total_steps
+        self.total_steps, self.log_every = total_steps, log_every
         self.stream = stream
+        self._start_step, self._start_time = resumed_step, time.perf_counter()
+        self._window_time, self._window_tokens = self._start_time, 0
         self._jsonl = None
         self._tb = None
         if enabled:
@@ -63,6 +68,23 @@ class MetricsLogger:
 
                 self._tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=resumed_step + 1)
 
+    def is_log_step(self, step: int) -> bool:
+        """Steps (1-based) whose numbers are logged: every log_every-th and the last. Same on every rank."""
+        return step % self.log_every == 0 or step == self.total_steps
+
+    def count(self, tokens: int) -> None:
+        """Tokens of a finished step, for the throughput window."""
+        self._window_tokens += tokens
+
+    def throughput(self, device: torch.device) -> float:
+        """Tokens per second since the last call (or the start), then a new window begins."""
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        rate = self._window_tokens / max(now - self._window_time, 1e-9)
+        self._window_time, self._window_tokens = now, 0
+        return rate
+
     def log(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
@@ -75,12 +97,11 @@ class MetricsLogger:
                     self._tb.add_scalar(key, value, step)
             self._tb.flush()
 
-    def progress(
-        self, step: int, loss: float, tokens_per_s: float, elapsed_s: float, steps_done: int
-    ) -> None:
+    def progress(self, step: int, loss: float, tokens_per_s: float) -> None:
         """`step 120/200 | loss 3.2104 | 41.2k tok/s | ETA 0m31s` on rank 0."""
         if not self.enabled:
             return
+        elapsed_s, steps_done = time.perf_counter() - self._start_time, step - self._start_step
         eta = elapsed_s / max(1, steps_done) * (self.total_steps - step)
         line = (
             f"step {step}/{self.total_steps} | loss {loss:.4f} | {tokens_per_s / 1e3:.1f}k tok/s"

@@ -1,8 +1,8 @@
 """Measure training steps of a config in this process: what the memory benchmark and the planner's test read.
 
-Builds what train() builds for the FSDP2 engine (model, FSDP2, optimizer, engine) but feeds random tokens and
-runs a step or two, so a measurement needs no data and writes nothing. Call it on every rank of an initialised
-process group.
+Builds what the trainer builds (model, engine: trainer.engines.build_engine) but feeds random tokens and runs a
+step or two, so a measurement needs no data and writes nothing. Call it on every rank of an initialised process
+group.
 """
 
 from __future__ import annotations
@@ -14,14 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from optim import build_optimizer
-from trainer.backward_update import BackwardUpdateEngine
+from models import Llama
 from trainer.config import Config
-from trainer.distributed import DistInfo, build_mesh
-from trainer.engine import FSDP2Engine
-from trainer.memory import MemoryBreakdown, MemoryTracker, local_bytes, peak_tensor_bytes
-from trainer.parallel import apply_fsdp
-from trainer.train import Batches, build_model
+from trainer.distributed import DistInfo
+from trainer.engines import build_engine
+from trainer.memory.tracker import MemoryBreakdown, MemoryTracker, local_bytes, peak_tensor_bytes
+from trainer.resolve import resolve
 
 
 @dataclass
@@ -35,20 +33,11 @@ def measure_steps(cfg: Config, info: DistInfo, steps: int = 1) -> StepMeasuremen
     """`steps` steps of `cfg` on one random batch, measured by the trainer's MemoryTracker and (on CPU) by
     the allocator's events; tensors alive before the first step (parameters, buffers, the batch) included.
     The second step is the steady state (optimizer state exists during forward and backward)."""
-    batches = Batches.plan(cfg, info.world_size)
-    model = build_model(cfg, cfg.data.vocab_size, info.device)
-    apply_fsdp(
-        model,
-        build_mesh(info, cfg.parallel.dp_replicate, cfg.parallel.dp_shard),
-        mixed_precision=cfg.parallel.mixed_precision,
-        activation_checkpointing=cfg.parallel.activation_checkpointing,
-        compile=cfg.parallel.compile,
-    )
-    optimizer = build_optimizer(cfg.optim, model)
-    if cfg.optim.update_in_backward:
-        engine: FSDP2Engine = BackwardUpdateEngine(model, optimizer, cfg, batches.accumulation)
-    else:
-        engine = FSDP2Engine(model, optimizer)
+    run = resolve(cfg, info.world_size, info.device)
+    batches = run.batches
+    torch.manual_seed(cfg.train.seed)
+    model = Llama(run.model).to(info.device)
+    engine = build_engine(run, model, info)
     tracker = MemoryTracker(engine, info.device, cfg.run_dir, info=lambda _: None)
     generator = torch.Generator().manual_seed(cfg.train.seed)
     batch = torch.randint(
@@ -63,7 +52,8 @@ def measure_steps(cfg: Config, info: DistInfo, steps: int = 1) -> StepMeasuremen
         for step in range(1, steps + 1):
             tracker.begin(step)
             engine.forward_backward(list(batch.split(batches.micro)))
-            engine.step(engine.grad_norm(), cfg.train.grad_clip)
+            engine.grad_norm()
+            engine.step()
             tracker.end(step)
     seconds = (time.perf_counter() - start) / steps
     peak = before + allocated["peak"] if cpu else 0

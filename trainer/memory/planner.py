@@ -28,13 +28,11 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from models import Llama, LlamaConfig, model_config
-from optim import build_optimizer
-from trainer.backward_update import check_update_in_backward, step_params
+from models import Llama, LlamaConfig, causal_lm_loss
+from optim import build_optimizer, step_params
 from trainer.config import Config
-from trainer.engine import causal_lm_loss
-from trainer.memory import optimizer_state_bytes
-from trainer.train import Batches
+from trainer.memory.tracker import optimizer_state_bytes
+from trainer.resolve import Run, resolve
 
 GiB = 2**30
 # Resident memory that is not tensors: Python + torch + gloo on this kind of CPU machine (measured: 0.27-0.35
@@ -94,49 +92,6 @@ def flash_attention(
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal)[0]
 
 
-@dataclass
-class Setup:
-    """What the prediction depends on, resolved from a config and the launch."""
-
-    model: LlamaConfig
-    micro_batch: int
-    seq_len: int
-    world: int
-    engine: str  # fsdp2 | deepspeed
-    device: str  # cpu | cuda
-    compute_dtype: torch.dtype  # parameters and activations in forward/backward
-    checkpointing: bool
-    update_in_backward: bool
-    zero_stage: int
-
-    @property
-    def compute_bytes(self) -> int:
-        return torch.finfo(self.compute_dtype).bits // 8
-
-
-def resolve_setup(cfg: Config, world_size: int, device: str) -> Setup:
-    """Mirror the trainer's choices: bf16 compute on CUDA under mixed_precision auto, fp32 on CPU."""
-    mp = cfg.parallel.mixed_precision
-    bf16 = mp == "bf16" or (mp == "auto" and device == "cuda")
-    vocab = cfg.model.vocab_size or None
-    try:
-        mcfg = model_config(cfg.model.name, vocab_size=vocab, max_seq_len=cfg.train.seq_len)
-    except ValueError:  # sizes without a vocabulary take the data's
-        mcfg = model_config(cfg.model.name, vocab_size=cfg.data.vocab_size, max_seq_len=cfg.train.seq_len)
-    return Setup(
-        model=mcfg,
-        micro_batch=cfg.train.micro_batch_size,
-        seq_len=cfg.train.seq_len,
-        world=world_size,
-        engine=cfg.parallel.engine,
-        device=device,
-        compute_dtype=torch.bfloat16 if bf16 else torch.float32,
-        checkpointing=cfg.parallel.activation_checkpointing,
-        update_in_backward=cfg.optim.update_in_backward,
-        zero_stage=cfg.parallel.zero_stage,
-    )
-
-
 def _meta_model(mcfg: LlamaConfig) -> Llama:
     with torch.device("meta"):
         return Llama(mcfg)
@@ -156,7 +111,7 @@ class ForwardBackward:
 
 
 def simulate_forward_backward(
-    setup: Setup, checkpointing: bool, grad_bytes_per_element: float, drop_grads: bool
+    setup: Run, checkpointing: bool, grad_bytes_per_element: float, drop_grads: bool
 ) -> ForwardBackward:
     """Run the model's forward and backward on meta tensors and track live bytes (parameters excluded).
 
@@ -227,7 +182,7 @@ class Units:
         return cls(sum(p.numel() for p in model.parameters()) - block * len(model.layers), block)
 
 
-def fsdp2_extra(units: Units, setup: Setup) -> tuple[int, int]:
+def fsdp2_extra(units: Units, setup: Run) -> tuple[int, int]:
     """FSDP2's bytes beyond a plain model's, per rank, at (the busiest point of backward, its end).
 
     During backward the root unit stays gathered (it is not resharded after forward), and so does the block
@@ -247,7 +202,7 @@ def fsdp2_extra(units: Units, setup: Setup) -> tuple[int, int]:
 class MemoryPlan:
     """Predicted bytes per rank; `rows` in display order, `peak` without and `total` with the runtime."""
 
-    setup: Setup
+    setup: Run
     rows: list[tuple[str, int]] = field(default_factory=list)
     phases: dict[str, int] = field(default_factory=dict)
     runtime: int = 0
@@ -273,7 +228,7 @@ class MemoryPlan:
     def table(self, device_bytes: int | None = None) -> str:
         s = self.setup
         title = (
-            f"predicted memory per rank (GiB): {s.engine}, world {s.world}, {s.device}, "
+            f"predicted memory per rank (GiB): {s.cfg.parallel.engine}, world {s.world}, {s.device}, "
             f"{str(s.compute_dtype).removeprefix('torch.')} compute, micro batch {s.micro_batch} x {s.seq_len}"
             + (", activation checkpointing" if s.checkpointing else "")
             + (", update in backward" if s.update_in_backward else "")
@@ -304,9 +259,7 @@ def _sharded_temporaries(raw: int, opt: OptimizerSim, world: int, matrix_element
 def plan_memory(cfg: Config, world_size: int = 1, device: str = "cuda") -> MemoryPlan:
     """Predict one rank's memory for `cfg` (engine: cfg.parallel.engine) launched on `world_size` ranks of
     `device` ("cpu" | "cuda"). Raises ConfigError for what the trainer would refuse (update_in_backward's)."""
-    s = resolve_setup(cfg, world_size, device)
-    if s.update_in_backward:
-        check_update_in_backward(cfg, Batches.plan(cfg, world_size).accumulation)
+    s = resolve(cfg, world_size, device)
     meta = _meta_model(s.model)
     units = Units.of(meta)
     n_params = sum(p.numel() for p in meta.parameters())
@@ -353,13 +306,13 @@ def plan_memory(cfg: Config, world_size: int = 1, device: str = "cuda") -> Memor
         ("activations without checkpointing", without_ac.activations),
         ("activations with checkpointing", with_ac.activations),
         ("forward/backward peak of activations, grads, temps", fb.peak),
-        (f"{s.engine} buffers (in backward)", busiest),
+        (f"{s.cfg.parallel.engine} buffers (in backward)", busiest),
         ("optimizer temporaries (NS buffers, copies)", temporaries),
     ]
     return plan
 
 
-def _deepspeed_sizes(s: Setup, n_params: int, state: int) -> tuple[int, int, int, int, float]:
+def _deepspeed_sizes(s: Run, n_params: int, state: int) -> tuple[int, int, int, int, float]:
     """(params, grads, optimizer state, buffers, grad bytes per element) per rank under DeepSpeed ZeRO.
 
     ZeRO-0 (autocast for bf16): fp32 weights, gradients and state on every rank, bf16 weight casts cached

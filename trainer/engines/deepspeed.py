@@ -1,7 +1,7 @@
-"""The DeepSpeed engine: the same optimizer step as FSDP2Engine (trainer/engine.py), with ZeRO stages 0-3 underneath.
+"""The DeepSpeed engine: the same optimizer step as the FSDP2 engine, with ZeRO stages 0-3 underneath.
 
-train.py talks to both engines through the same methods, so the loop, the lr schedule, metrics and checkpoints
-stay one copy. How our config maps onto DeepSpeed's:
+The loop talks to both engines through one protocol (trainer/engines/__init__.py), so the loop, the lr
+schedule, metrics and checkpoints stay one copy. How our config maps onto DeepSpeed's:
 - micro batch and accumulation -> train_micro_batch_size_per_gpu / gradient_accumulation_steps. The boundary is set
   explicitly per micro-batch, so gradients are reduced once per step and DeepSpeed divides each micro-batch loss
   by the accumulation count, exactly what FSDP2Engine does by hand.
@@ -13,14 +13,18 @@ stay one copy. How our config maps onto DeepSpeed's:
   the matrix optimizers need; ZeRO-1/2/3 use DeepSpeed's bf16 weights with fp32 master partitions.
 
 Optimizers: AdamW at every stage; our matrix optimizers at ZeRO-0 only. At stages 1-3 DeepSpeed hands the optimizer
-flat 1-D partitions that cut across matrices; config validation refuses that combination, and `check_whole_matrices`
-makes sure no matrix rule ever holds anything but the model's own 2-D weights, whatever DeepSpeed does underneath.
+flat 1-D partitions that cut across matrices; trainer/resolve.py refuses that combination, and
+`check_whole_matrices` makes sure no matrix rule ever holds anything but the model's own 2-D weights, whatever
+DeepSpeed does underneath.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +33,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
-from optim import health_of
+from models import causal_lm_loss
+from optim.health import HealthReport, adamw_update_sums, health_numbers, track_health
 from trainer.checkpoint import read_trainer_state
-from trainer.config import Config, ConfigError, deepspeed_support_error
-from trainer.engine import causal_lm_loss
-from trainer.memory import TrainingTensors, group_labels, state_tensors
+from trainer.config import ConfigError
+from trainer.memory.tracker import TrainingTensors, group_labels, state_tensors
 
 TAG = "deepspeed"  # DeepSpeed's save_checkpoint(dir, tag) writes into dir/tag; the tag is fixed, dir is the step's
 
@@ -55,14 +59,6 @@ def deepspeed_config(
     }
 
 
-def unsupported(cfg: Config, world_size: int) -> str | None:
-    """Why this run's settings cannot run under DeepSpeed here (None: they can); checked before initialize."""
-    p = cfg.parallel
-    if p.dp_replicate != 1 or p.dp_shard not in (-1, world_size):
-        return "parallel.dp_replicate / dp_shard (HSDP) need parallel.engine=fsdp2; DeepSpeed shards over all ranks"
-    return deepspeed_support_error(p.zero_stage, cfg.optim.name)
-
-
 def check_whole_matrices(optimizer: Optimizer, model: nn.Module, stage: int) -> None:
     """Refuse to train if a matrix-rule param group holds anything but the model's own 2-D weights."""
     own = {id(p) for p in model.parameters()}
@@ -80,11 +76,17 @@ class DeepSpeedEngine:
     """A plain (unsharded) model and its optimizer, handed to deepspeed.initialize."""
 
     def __init__(
-        self, model: nn.Module, optimizer: Optimizer, cfg: Config, accumulation: int, world_size: int
+        self,
+        model: nn.Module,
+        optimizer: Optimizer,
+        *,
+        zero_stage: int,
+        micro_batch: int,
+        accumulation: int,
+        world_size: int,
+        max_norm: float,
+        bf16: bool,
     ):
-        problem = unsupported(cfg, world_size)
-        if problem:
-            raise ConfigError(problem)
         try:
             import deepspeed
             from deepspeed.utils import logger as ds_logger
@@ -95,12 +97,9 @@ class DeepSpeedEngine:
 
         ds_logger.setLevel(logging.WARNING)
         self.device = next(model.parameters()).device
-        precision = cfg.parallel.mixed_precision
-        bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
-        self.stage = cfg.parallel.zero_stage
+        self.stage = zero_stage
         self.numel = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
-        t = cfg.train
-        config = deepspeed_config(self.stage, t.micro_batch_size, accumulation, world_size, t.grad_clip, bf16)
+        config = deepspeed_config(zero_stage, micro_batch, accumulation, world_size, max_norm, bf16)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         check_whole_matrices(optimizer, model, self.stage)
         self.model = model
@@ -132,7 +131,7 @@ class DeepSpeedEngine:
         norm = torch.as_tensor(norm, dtype=torch.float32)
         return torch.where(norm < 0, math.nan, norm)  # DeepSpeed reports a non-finite norm as -1
 
-    def step(self, grad_norm: torch.Tensor, max_norm: float) -> None:
+    def step(self) -> None:
         """DeepSpeed's step: clip (gradient_clipping = train.grad_clip, set at start-up), update, drop grads."""
         self.engine.step()
 
@@ -146,26 +145,16 @@ class DeepSpeedEngine:
         if self.engine.was_step_applied():
             raise RuntimeError("DeepSpeed applied a step the trainer skipped: its gradients were finite")
 
-    def health(self) -> dict[str, float]:
+    @contextmanager
+    def health(self, enabled: bool) -> Iterator[HealthReport]:
         """The optim/ numbers FSDP2 logs. ZeRO-0: the optimizer's own (whole tensors). ZeRO-1..3: AdamW's last
         update recomputed from its state over this rank's flat partitions (their padding is zero: no update, no
-        weight), then summed over ranks: exact, like optim.health_of under FSDP2. Collective."""
-        if self.stage == 0:
-            return health_of(self.optimizer)
-        (group,) = self.optimizer.param_groups  # build_optimizer's AdamW: one group (DeepSpeed may empty it)
-        beta1, beta2 = group["betas"]
-        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for partition, state in self.optimizer.state.items():
-            step = float(state["step"])
-            denom = state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**step) + group["eps"]
-            update = state["exp_avg"] / denom * (group["lr"] / (1 - beta1**step))
-            sums += torch.stack([update.double().square().sum(), partition.double().square().sum()])
-        dist.all_reduce(sums)
-        update_sq, weight_sq = sums.tolist()
-        return {
-            "update_rms": math.sqrt(update_sq / self.numel),
-            "update_weight_ratio": math.sqrt(update_sq / weight_sq) if weight_sq > 0 else 0.0,
-        }
+        weight), then summed over ranks: exact, as under FSDP2. report() is collective."""
+        if self.stage == 0 or not enabled:
+            with track_health(self.optimizer, enabled) as report:
+                yield report
+        else:
+            yield PartitionedAdamWHealth(self.optimizer, self.numel, self.device)
 
     def training_tensors(self) -> TrainingTensors:
         """What the memory tracker counts. ZeRO-0: the model's and optimizer's own tensors, as under FSDP2.
@@ -191,9 +180,10 @@ class DeepSpeedEngine:
             },
         )
 
-    def save(self, path: Path) -> None:
-        """Every rank writes its own ZeRO partitions (DeepSpeed's format) into path/deepspeed/."""
+    def save(self, path: Path) -> Future | None:
+        """Every rank writes its own ZeRO partitions (DeepSpeed's format) into path/deepspeed/; synchronous."""
         self.engine.save_checkpoint(str(path), tag=TAG, save_latest=False)
+        return None
 
     def load(self, path: Path) -> None:
         """DeepSpeed's load of path/deepspeed/: needs the ZeRO stage and world size of the run that saved it."""
@@ -207,3 +197,16 @@ class DeepSpeedEngine:
         self.engine.load_checkpoint(
             str(path), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
         )
+
+
+class PartitionedAdamWHealth:
+    """AdamW's numbers over DeepSpeed's flat ZeRO partitions (see DeepSpeedEngine.health)."""
+
+    def __init__(self, optimizer: Optimizer, numel: int, device: torch.device):
+        self.optimizer, self.numel, self.device = optimizer, numel, device
+
+    def report(self) -> dict[str, float]:
+        (group,) = self.optimizer.param_groups  # build_optimizer's AdamW: one group (DeepSpeed may empty it)
+        sums = adamw_update_sums(self.optimizer.state.items(), group).to(self.device)
+        dist.all_reduce(sums)
+        return health_numbers(*sums.tolist(), self.numel)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -27,6 +27,9 @@ from torch.autograd import DeviceType
 from torch.distributed.tensor import DTensor
 
 from trainer.config import STEP_LIST
+
+if TYPE_CHECKING:
+    from trainer.engines import Engine
 
 MiB = 2**20
 _SNAPSHOT_ENTRIES = 100_000
@@ -100,14 +103,6 @@ class TrainingTensors:
         """(parameters, gradients, optimizer state per label) in bytes."""
         state = {label: local_bytes(ts) for label, ts in self.optimizer_state.items()}
         return local_bytes(self.params), local_bytes(self.grads), state
-
-
-class CountsTensors(Protocol):
-    """What MemoryTracker needs of an engine: its optimizer (to hook its step) and its tensor layout."""
-
-    optimizer: torch.optim.Optimizer
-
-    def training_tensors(self) -> TrainingTensors: ...
 
 
 def current_rss() -> int:
@@ -222,7 +217,7 @@ class MemoryTracker:
 
     def __init__(
         self,
-        engine: CountsTensors,
+        engine: Engine,
         device: torch.device,
         run_dir: Path,
         *,
@@ -250,7 +245,7 @@ class MemoryTracker:
     def from_config(
         cls,
         cfg: Any,
-        engine: CountsTensors,
+        engine: Engine,
         device: torch.device,
         run_dir: Path,
         info: Callable[[str], None],

@@ -1,0 +1,67 @@
+"""trainer/resolve.py: the values derived from a config for one launch, and every cross-field check."""
+
+import pytest
+import torch
+
+from trainer.config import ConfigError, load_config
+from trainer.resolve import Batches, resolve
+
+
+def test_batches_engine_dtype_and_model_are_derived_once() -> None:
+    run = resolve(
+        load_config("tiny_swan.yaml", ["--train.global_batch_size=16", "--train.micro_batch_size=2"]),
+        2,
+        "cpu",
+    )
+    assert run.batches == Batches(local=8, micro=2, accumulation=4)
+    assert run.engine == "fsdp2" and run.compute_dtype == torch.float32 and run.device == "cpu"
+    assert (
+        run.model.vocab_size == 512 and run.model.max_seq_len == run.cfg.train.seq_len
+    )  # the data's vocabulary
+    assert run.tokens_per_step == 16 * run.cfg.train.seq_len
+    gpu = resolve(load_config("llama350m_swan.yaml"), 8, "cuda")
+    assert gpu.bf16 and gpu.compute_bytes == 2 and gpu.model.vocab_size == 32000  # the registry's vocabulary
+    assert resolve(load_config("tiny_swan.yaml", ["--parallel.mixed_precision=bf16"]), 1, "cpu").bf16
+    assert (
+        resolve(load_config("tiny_swan.yaml", ["--model.vocab_size=1000"]), 1, "cpu").model.vocab_size == 1000
+    )
+    backward = ["--optim.update_in_backward=true", "--train.micro_batch_size=16"]
+    assert resolve(load_config("tiny_swan.yaml", backward), 1, "cpu").engine == "backward_update"
+    deepspeed = resolve(
+        load_config("tiny_adamw.yaml", ["--parallel.engine=deepspeed", "--parallel.zero_stage=2"]), 2, "cpu"
+    )
+    assert deepspeed.engine == "deepspeed" and deepspeed.zero_stage == 2
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world", "message"),
+    [
+        (["--train.micro_batch_size=5"], 1, r"multiple of train.micro_batch_size \(5\) x world size \(1\)"),
+        (["--train.global_batch_size=16", "--train.micro_batch_size=8"], 4, r"x world size \(4\)"),
+        (["--model.name=llama_9z"], 1, "model.name: unknown model 'llama_9z'; known models: llama_tiny"),
+        (
+            ["--data.eval_sequences=3"],
+            2,
+            r"data.eval_sequences \(3\) must be a multiple of the world size \(2\)",
+        ),
+        (["--parallel.dp_replicate=3"], 2, "world size 2 is not divisible by parallel.dp_replicate=3"),
+        (
+            ["--parallel.dp_shard=3"],
+            2,
+            r"parallel.dp_replicate \(1\) x parallel.dp_shard \(3\) != world size 2",
+        ),
+        (
+            ["--parallel.engine=deepspeed", "--parallel.zero_stage=1"],
+            2,
+            "optim.name=swan needs parallel.zero_stage=0",
+        ),
+        (["--parallel.engine=deepspeed", "--parallel.dp_replicate=2"], 2, "HSDP"),
+        (["--optim.update_in_backward=true", "--parallel.engine=deepspeed"], 1, "parallel.engine=fsdp2 only"),
+        (["--optim.update_in_backward=true"], 1, "needs one micro-batch per step"),
+    ],
+)
+def test_conflicting_settings_are_one_line_errors(overrides, world, message) -> None:
+    cfg = load_config("tiny_swan.yaml", overrides)  # each field is valid on its own
+    with pytest.raises(ConfigError, match=message) as err:
+        resolve(cfg, world, "cpu")
+    assert "\n" not in str(err.value)

@@ -1,0 +1,104 @@
+"""Engines: what one optimizer step does to a model under one kind of parallelism, behind one protocol.
+
+| engine (Run.engine) | module | parallelism | checkpoint format |
+| --- | --- | --- | --- |
+| fsdp2 | fsdp2.py | FSDP2 `fully_shard` per block + root (HSDP with dp_replicate) | DCP, reshardable |
+| backward_update | backward_update.py | as fsdp2, each update applied inside backward | DCP, reshardable |
+| deepspeed | deepspeed.py | DeepSpeed ZeRO-0..3 | DeepSpeed's, same world and stage |
+
+The loop (trainer/train.py), the checkpointer and the memory tracker talk to every engine through `Engine`
+and nothing else.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from optim import build_optimizer
+from optim.health import HealthReport
+from trainer.config import Config, ConfigError
+from trainer.distributed import DistInfo, build_mesh
+from trainer.memory.tracker import TrainingTensors
+from trainer.resolve import Run
+
+
+class Engine(Protocol):
+    """A wrapped model and its optimizer; the clip threshold is fixed at construction."""
+
+    model: nn.Module
+    optimizer: Optimizer
+
+    def forward_backward(self, micro_batches: list[torch.Tensor]) -> torch.Tensor:
+        """Accumulate the raw gradients of the step's micro-batches; this rank's mean loss (detached)."""
+        ...
+
+    def grad_norm(self) -> torch.Tensor:
+        """Global L2 norm of the step's raw (reduced, unclipped) gradients."""
+        ...
+
+    def step(self) -> None:
+        """Clip (if configured), update, drop the gradients."""
+        ...
+
+    def skip(self) -> None:
+        """Drop the step's gradients without updating anything (a non-finite step)."""
+        ...
+
+    def health(self, enabled: bool) -> AbstractContextManager[HealthReport]:
+        """A block measuring the optimizer's updates inside it; its report() is a collective."""
+        ...
+
+    def training_tensors(self) -> TrainingTensors:
+        """Where this rank's parameters, gradients and optimizer state live now (for the memory tracker)."""
+        ...
+
+    def save(self, path: Path) -> Future | None:
+        """Write this rank's model and optimizer state under `path`; a Future while an async write runs."""
+        ...
+
+    def load(self, path: Path) -> None:
+        """Restore model and optimizer state in place from `path`."""
+        ...
+
+
+def build_engine(run: Run, model: nn.Module, dist_info: DistInfo) -> Engine:
+    """Wrap `model` for the Run's engine, build its optimizer over the wrapped parameters, and the engine."""
+    cfg, p = run.cfg, run.cfg.parallel
+    blocks = {"activation_checkpointing": p.activation_checkpointing, "compile": p.compile}
+    if run.engine == "deepspeed":
+        from trainer.engines.deepspeed import DeepSpeedEngine
+        from trainer.engines.fsdp2 import wrap_blocks
+
+        wrap_blocks(model, **blocks)  # DeepSpeed takes the block-wrapped plain model
+        return DeepSpeedEngine(
+            model,
+            _optimizer(cfg, model),
+            zero_stage=p.zero_stage,
+            micro_batch=run.batches.micro,
+            accumulation=run.batches.accumulation,
+            world_size=run.world,
+            max_norm=cfg.train.grad_clip,
+            bf16=run.bf16,
+        )
+    from trainer.engines.backward_update import BackwardUpdateEngine
+    from trainer.engines.fsdp2 import FSDP2Engine, apply_fsdp
+
+    apply_fsdp(model, build_mesh(dist_info, p.dp_replicate, p.dp_shard), bf16=run.bf16, **blocks)
+    optimizer = _optimizer(cfg, model)
+    if run.engine == "backward_update":
+        return BackwardUpdateEngine(model, optimizer, async_save=cfg.checkpoint.async_save)
+    return FSDP2Engine(model, optimizer, max_norm=cfg.train.grad_clip, async_save=cfg.checkpoint.async_save)
+
+
+def _optimizer(cfg: Config, model: nn.Module) -> Optimizer:
+    try:
+        return build_optimizer(cfg.optim, model)
+    except ValueError as err:
+        raise ConfigError(f"optim: {err}") from None
