@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from optim import AuON, HybridAuON
-from tests.test_optim_math import REL_TOL, STEPS, _grads, _matrices, ref_auon, ref_ns5
+from tests.test_optim_math import REL_TOL, _grads, _matrices, assert_matches_reference, ref_auon, ref_ns5
 
 
 def ref_auon_reference_code(w, g, st, lr=0.08, mu=0.95, wd=0.1, nesterov=True, hybrid_steps=None):
@@ -79,21 +79,7 @@ def test_matches_float64_reference(name):
     factory, ref_step = CASES[name]
     params = _matrices()
     assert {p.shape[0] > p.shape[1] for p in params} == {True, False}
-    opt = factory(params)
-    tol = REL_TOL if name in FP32_NS else TIGHT_TOL
-    ref_w = [p.detach().clone() for p in params]
-    ref_state = [{} for _ in params]
-    for step in range(STEPS):
-        before = [p.detach().clone() for p in params]
-        for p, g in zip(params, _grads(step), strict=True):
-            p.grad = g
-        opt.step()
-        ref_before = [w.clone() for w in ref_w]
-        ref_w = [ref_step(w, g, st) for w, g, st in zip(ref_w, _grads(step), ref_state, strict=True)]
-        for p, b, w, rb in zip(params, before, ref_w, ref_before, strict=True):
-            ours, ref = p.detach() - b, w - rb
-            rel = ((ours - ref).norm() / ref.norm()).item()
-            assert rel < tol, f"{name} step {step} shape {tuple(p.shape)}: relative error {rel:.2e}"
+    assert_matches_reference(name, factory(params), ref_step, REL_TOL if name in FP32_NS else TIGHT_TOL)
 
 
 @pytest.mark.parametrize(

@@ -17,19 +17,14 @@ import torch.distributed as dist
 from trainer.config import ConfigError
 from trainer.distributed import DistInfo
 from trainer.memory.planner import GiB, MemoryPlan, plan_memory
+from trainer.memory.tracker import proc_bytes
 from trainer.resolve import Run
 
 
 def available_cpu_bytes() -> int:
     """MemAvailable of /proc/meminfo (what can be allocated without swapping), else total RAM."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    available = proc_bytes("/proc/meminfo", "MemAvailable")
+    return available if available is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def device_limit(device: torch.device, world_size: int) -> int:

@@ -120,16 +120,23 @@ def reset_peak_rss() -> None:
         pass
 
 
-def peak_rss() -> int:
-    """Peak resident set since the last reset_peak_rss (VmHWM), else since the process started."""
+def proc_bytes(path: str, field: str) -> int | None:
+    """A `Field:   N kB` line of a /proc file (e.g. /proc/self/status VmHWM, /proc/meminfo MemAvailable) in
+    bytes; None where the file or the field is missing (not Linux)."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return None
+
+
+def peak_rss() -> int:
+    """Peak resident set since the last reset_peak_rss (VmHWM), else since the process started."""
+    peak = proc_bytes("/proc/self/status", "VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 @dataclass
