@@ -98,18 +98,27 @@ def _rule_kwargs(cfg: Any, name: str, accepted: set[str]) -> dict[str, Any]:
 def build_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
     """The optimizer named by `cfg.name` over `model`'s trainable parameters (cfg: the trainer's OptimConfig).
 
-    "adamw": torch.optim.AdamW over all parameters with lr, (beta1, beta2), eps, weight_decay. Otherwise the
+    "adamw": torch.optim.AdamW over all parameters with lr, (beta1, beta2), eps, weight_decay; with adamw_lr or
+    adamw_weight_decay set, two groups as the matrix optimizers have (hidden matrices at lr / weight_decay, the
+    rest at adamw_lr / adamw_weight_decay). Otherwise the
     matrix rule over route_parameters(model)'s hidden matrices (lr, weight_decay and the set rule options),
     plus an algorithm="adamw" group for the rest (adamw_lr / adamw_weight_decay, None = lr / weight_decay).
     """
     betas = (cfg.beta1, cfg.beta2)
+    rest_lr = cfg.lr if cfg.adamw_lr is None else cfg.adamw_lr
+    rest_wd = cfg.weight_decay if cfg.adamw_weight_decay is None else cfg.adamw_weight_decay
     if cfg.name == "adamw":
         _rule_kwargs(cfg, "adamw", set())
-        for field in ("adamw_lr", "adamw_weight_decay"):
-            if getattr(cfg, field, None) is not None:
-                raise ValueError(f"optimizer 'adamw' has no option {field!r} (use lr / weight_decay)")
         params = [p for p in model.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        if cfg.adamw_lr is None and cfg.adamw_weight_decay is None:
+            return torch.optim.AdamW(params, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        # The same two lrs the matrix optimizers have: hidden matrices at lr, embedding, head, norms at adamw_lr
+        # (a fair baseline tunes both, or the comparison measures the embedding lr instead of the matrix rule).
+        matrices, others = route_parameters(model)
+        split = [{"params": matrices}, {"params": others, "lr": rest_lr, "weight_decay": rest_wd}]
+        return torch.optim.AdamW(
+            [g for g in split if g["params"]], lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+        )
     if cfg.name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {cfg.name!r}; known: {', '.join(OPTIMIZER_NAMES)}")
     cls = OPTIMIZERS[cfg.name]
@@ -121,12 +130,10 @@ def build_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
             {
                 "params": others,
                 "algorithm": "adamw",
-                "lr": cfg.lr if cfg.adamw_lr is None else cfg.adamw_lr,
+                "lr": rest_lr,
                 "betas": betas,
                 "eps": cfg.eps,
-                "weight_decay": cfg.weight_decay
-                if cfg.adamw_weight_decay is None
-                else cfg.adamw_weight_decay,
+                "weight_decay": rest_wd,
             }
         )
     return cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)

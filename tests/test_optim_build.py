@@ -200,3 +200,15 @@ def test_health_of_torch_adamw_recomputes_the_last_update():
     with track_health(torch.optim.SGD(params, lr=0.1)) as tracked:
         pass
     assert tracked.report() == {}
+
+
+def test_adamw_baseline_gets_the_matrix_optimizers_two_lrs():
+    model = Llama(TINY)
+    plain = build_optimizer(OptimConfig(name="adamw", lr=0.01), model)
+    assert len(plain.param_groups) == 1 and plain.param_groups[0]["lr"] == 0.01
+    split = build_optimizer(OptimConfig(name="adamw", lr=0.01, adamw_lr=0.002, adamw_weight_decay=0.1), model)
+    matrices, others = route_parameters(model)
+    hidden, rest = split.param_groups
+    assert [id(p) for p in hidden["params"]] == [id(p) for p in matrices] and hidden["lr"] == 0.01
+    assert [id(p) for p in rest["params"]] == [id(p) for p in others]
+    assert (rest["lr"], rest["weight_decay"], hidden["weight_decay"]) == (0.002, 0.1, 0.0)
