@@ -12,6 +12,11 @@ MODEL_SIZES: dict[str, dict] = {
     "llama_350m": dict(dim=1024, n_layers=24, n_heads=16, intermediate_size=2736),
     "llama_1b": dict(dim=2048, n_layers=24, n_heads=32, intermediate_size=5461),
     "llama_7b": dict(dim=4096, n_layers=32, n_heads=32, intermediate_size=11008, max_seq_len=2048),
+    # llama_tiny at 3x the width (same depth, head dim 16, MLP ratio 2.75): the convergence benchmark's
+    # width-transfer pair (benchmarks/convergence.py --models llama_tiny,llama_tiny_w192).
+    "llama_tiny_w192": dict(
+        dim=192, n_layers=2, n_heads=12, n_kv_heads=6, intermediate_size=528, vocab_size=None
+    ),
 }
 _DEFAULTS = dict(n_kv_heads=None, vocab_size=32000, max_seq_len=256)
 

@@ -1,5 +1,6 @@
-"""The convergence benchmark end to end in --quick mode, as a user runs it: real trainer runs, the markdown table
-and PNG plot, and a second invocation that skips a finished run and resumes an unfinished one."""
+"""The convergence benchmark: its grid extension (no processes), and end to end in --quick mode as a user runs
+it: real trainer runs, the markdown table and PNG plot, and a second invocation that skips a finished run and
+resumes an unfinished one."""
 
 from __future__ import annotations
 
@@ -7,13 +8,33 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from statistics import fmean
 
 import pytest
 
+from benchmarks.convergence import extension
 from tests.run_helpers import logged
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def test_grid_extends_beyond_the_edge_of_the_best_until_interior_or_the_limit() -> None:
+    start = (-1, 1)
+    assert extension({-1: 3.0, 0: 2.5, 1: 2.7}, start, 4) == []  # interior: stop
+    assert extension({-1: 3.0, 0: 2.5, 1: 2.4}, start, 4) == [2]  # best at the high edge
+    assert extension({-1: 2.0, 0: 2.5, 1: 2.7}, start, 4) == [-2]  # best at the low edge
+    low_best = {-3: 2.0, -2: 2.1, -1: 2.2, 0: 2.5, 1: 2.7}  # already two beyond the starting grid's low edge
+    assert extension(low_best, start, 2) == []  # max_extend reached
+    assert extension(low_best, start, 3) == [-4]
+    assert extension({0: 2.5}, (0, 0), 1) == [-1, 1]  # one point is at both edges
+    assert extension({0: 2.5}, (0, 0), 0) == []
+    # A diverged run (None) is worse than any finished one: the best is the finished neighbour, interior here.
+    assert extension({-1: 3.0, 0: 2.9, 1: None}, start, 4) == []
+    assert extension({-1: 3.0, 0: 2.9, 1: None, 2: None}, (0, 2), 4) == []
+    assert extension({-1: 2.0, 0: None, 1: None}, start, 4) == [-2]
+    assert extension({-1: None, 0: None, 1: None}, start, 4) == [-2]  # all diverged: a smaller lr
+    assert extension({-5: None, -1: None, 0: None, 1: None}, start, 4) == []
 
 
 @pytest.mark.slow
@@ -24,35 +45,62 @@ def test_convergence_quick_writes_table_and_plot_and_resumes(tmp_path: Path) -> 
         str(ROOT / "benchmarks" / "convergence.py"),
         "--quick",
         "--optimizers=adamw,sinkgd",
-        "--lr-multipliers=1",
+        "--grid-points=1",
+        "--max-extend=0",
+        "--seeds=2",
         f"--runs-dir={runs}",
         f"--out={out}",
     ]
     first = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
 
-    table = (out / "convergence.md").read_text()
+    text = (out / "convergence.md").read_text()
     png = (out / "convergence.png").read_bytes()
     assert png.startswith(b"\x89PNG") and 10_000 < len(png) < 200_000
-    assert "entropy floor 1.8343" in table  # the generated corpus's closed-form floor (vocab 512, seed 1234)
-    assert "use AdamW's best lr (0.003)" in table  # sinkgd ran after AdamW's grid, with its lr for embeddings
-    assert "adamw_lr: 0.003" in (runs / "sinkgd_lr0.001" / "config.yaml").read_text()
-    adamw, sinkgd = logged(runs / "adamw_lr0.003", "eval/loss"), logged(runs / "sinkgd_lr0.001", "eval/loss")
-    assert len(adamw) == len(sinkgd) == 3  # 12 steps, an eval every 4
-    rows = {line.split(" | ")[0][2:]: line for line in table.splitlines() if line.startswith("| ")}
-    assert f"**0.003: {adamw[-1]:.4f}**" in rows["adamw"]  # the table reports what the trainer logged
-    assert f"**0.001: {sinkgd[-1]:.4f}**" in rows["sinkgd"]
+    assert "entropy floor 1.8343" in text  # the generated corpus's closed-form floor (vocab 64, order 2)
+    sweep = runs / "generated_llama_tiny_3072tok_b8x32"  # 3072 tokens: 12 steps x 8 x 32
+    # Phase 1 (AdamW, one lr) and AdamW's phase-2 point at phase 1's best lr are one config: one run directory.
+    assert sorted(d.name for d in sweep.iterdir() if d.is_dir()) == [
+        "adamw_lr0.003_rest0.003",
+        "adamw_lr0.003_rest0.003_seed1",
+        "sinkgd_lr0.001_rest0.003",
+        "sinkgd_lr0.001_rest0.003_seed1",
+    ]
+    assert "adamw_lr: 0.003" in (sweep / "sinkgd_lr0.001_rest0.003" / "config.yaml").read_text()
+    assert "seed: 1" in (sweep / "sinkgd_lr0.001_rest0.003_seed1" / "config.yaml").read_text()
+    losses = {d.name: logged(d, "eval/loss") for d in sweep.iterdir() if d.is_dir()}
+    assert {len(v) for v in losses.values()} == {3}  # 12 steps, an eval every 4: the same eval points for all
+    adamw, sinkgd = (
+        [losses[f"{name}_rest0.003{seed}"][-1] for seed in ("", "_seed1")]
+        for name in ("adamw_lr0.003", "sinkgd_lr0.001")
+    )
+    assert adamw[0] != adamw[1]  # seed 1 is another init
+    # The table reports what the trainer logged: seed 0 in the sweep, mean [min, max] over the seeds.
+    assert f"one lr for every parameter: **0.003: {adamw[0]:.4f}**; best 0.003 † edge" in text
+    rows = {
+        line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| ") and " | " in line
+    }
+    for name, lr, finals in (("adamw", "0.003", adamw), ("sinkgd", "0.001", sinkgd)):
+        assert f"| **{lr}: {finals[0]:.4f}** | {lr} † edge |" in rows[name]
+        assert f"| {fmean(finals):.4f} [{min(finals):.4f}, {max(finals):.4f}] (2 seeds) |" in rows[name]
     assert "| 1.00x |" in rows["adamw"] and "8.00 B/param, 8.00 B/matrix element" in rows["adamw"]
     assert "0.00 B/matrix element" in rows["sinkgd"]  # SinkGD is stateless on the hidden matrices
+    ranked = [line.split(" | ")[1] for line in text.splitlines() if line[:4] in ("| 1 ", "| 2 ")]
+    assert ranked == sorted(["adamw", "sinkgd"], key=lambda n: fmean({"adamw": adamw, "sinkgd": sinkgd}[n]))
 
     # Second invocation: adamw finished (skipped); sinkgd looks interrupted (no result.json), so the trainer
-    # resumes it from its latest checkpoint (the last step): nothing is trained again, the report is identical.
-    metrics = {d: (d / "metrics.jsonl").read_text() for d in runs.iterdir() if d.is_dir()}
-    (runs / "sinkgd_lr0.001" / "result.json").unlink()
+    # resumes it from its latest checkpoint (the last step): nothing is trained again, the table is identical.
+    metrics = {d: (d / "metrics.jsonl").read_text() for d in sweep.iterdir() if d.is_dir()}
+    (sweep / "sinkgd_lr0.001_rest0.003" / "result.json").unlink()
     second = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "skip adamw_lr0.003: finished earlier" in second.stdout
-    assert "sinkgd_lr0.001: done (exit 0)" in second.stdout
-    assert "checkpoints/step_000012 at step 12" in (runs / "sinkgd_lr0.001" / "train.log").read_text()
+    assert "skip adamw_lr0.003_rest0.003: finished earlier" in second.stdout
+    assert "sinkgd_lr0.001_rest0.003: done (exit 0)" in second.stdout
+    log = (sweep / "sinkgd_lr0.001_rest0.003" / "train.log").read_text()
+    assert "checkpoints/step_000012 at step 12" in log
     assert {d: (d / "metrics.jsonl").read_text() for d in metrics} == metrics
-    assert (out / "convergence.md").read_text() == table
+
+    def tables(md: str) -> list[str]:  # the header's wall time and date may change; the numbers may not
+        return [line for line in md.splitlines() if not line.startswith(("Date:", "Command:"))]
+
+    assert tables((out / "convergence.md").read_text()) == tables(text)
