@@ -116,7 +116,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
         self._tracker: HealthTracker | None = None
-        self._probe: Tensor | None = None  # orth_error's matrix: the first of the first matrix group
+        self._probe: Tensor | None = None  # orth_error and spectrum: the first of the first matrix group
         self._health: StepHealth | None = None  # the measured step's sums, while it runs
         self._probing = False
         super().__init__(params, defaults)
@@ -178,7 +178,9 @@ class MatrixOptimizer(torch.optim.Optimizer):
 
         update_rms: RMS over all matrix elements of lr * (the rule's scaled direction), decoupled weight decay
         excluded; update_weight_ratio: |update|_F / |W|_F over all matrices together, W before the update;
-        orth_error (NS-based rules): |O O^T - I|_F / sqrt(p) of the first matrix of the first matrix group.
+        orth_error (NS-based rules): |O O^T - I|_F / sqrt(p) of the first matrix of the first matrix group;
+        update_spectral_norm, update_stable_rank: |U|_2 and |U|_F^2 / |U|_2^2 of that matrix's update U (its
+        local rows are kept until report(), which computes them: optim.health.update_spectrum).
         """
         self._tracker = HealthTracker()
         try:
@@ -280,9 +282,11 @@ class MatrixOptimizer(torch.optim.Optimizer):
         """W <- W (1 - lr wd) - lr * scale * direction (scale: a number or a broadcastable tensor)."""
         lr, wd = slot.group["lr"], slot.group["weight_decay"]
         if self._health is not None:
-            update_sq = (direction.float() * scale).square().sum() * lr**2
-            self._health.sums[0] += update_sq
+            scaled = direction.float() * scale
+            self._health.sums[0] += scaled.square().sum() * lr**2
             self._health.sums[1] += slot.weight.float().square().sum()
+            if slot.param is self._probe:  # its rows of the applied update, for the spectrum (report() time)
+                self._health.probe_update = scaled.mul_(lr)
         if wd:
             slot.weight.mul_(1 - lr * wd)
         if isinstance(scale, Tensor):

@@ -200,7 +200,9 @@ class DeepSpeedEngine:
 
 
 class PartitionedAdamWHealth:
-    """AdamW's numbers over DeepSpeed's flat ZeRO partitions (see DeepSpeedEngine.health)."""
+    """AdamW's numbers over DeepSpeed's flat ZeRO partitions (see DeepSpeedEngine.health). No
+    update_spectral_norm / update_stable_rank: a flat partition cuts across matrices, so no rank holds rows of a
+    sampled matrix to iterate on, and gathering one would cost a collective of a whole matrix per logging step."""
 
     def __init__(self, optimizer: Optimizer, numel: int, device: torch.device):
         self.optimizer, self.numel, self.device = optimizer, numel, device
