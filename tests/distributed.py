@@ -2,6 +2,7 @@
 
 Why not torchrun: spawning from the test keeps the function and its arguments in Python (no CLI), and returns
 rank 0's result to the test. Each process gets one torch thread: four processes share two cores here.
+A test that calls run_distributed is marked `@pytest.mark.slow` (tests/conftest.py fails it otherwise).
 """
 
 from __future__ import annotations

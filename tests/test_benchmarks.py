@@ -4,8 +4,6 @@ resumes an unfinished one."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 from statistics import fmean
@@ -13,10 +11,8 @@ from statistics import fmean
 import pytest
 
 from benchmarks.convergence import extension
+from tests.processes import ROOT, run_command
 from tests.run_helpers import logged
-
-ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def test_grid_extends_beyond_the_edge_of_the_best_until_interior_or_the_limit() -> None:
@@ -51,7 +47,7 @@ def test_convergence_quick_writes_table_and_plot_and_resumes(tmp_path: Path) -> 
         f"--runs-dir={runs}",
         f"--out={out}",
     ]
-    first = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    first = run_command(cmd, timeout=300)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
 
     text = (out / "convergence.md").read_text()
@@ -92,7 +88,7 @@ def test_convergence_quick_writes_table_and_plot_and_resumes(tmp_path: Path) -> 
     # resumes it from its latest checkpoint (the last step): nothing is trained again, the table is identical.
     metrics = {d: (d / "metrics.jsonl").read_text() for d in sweep.iterdir() if d.is_dir()}
     (sweep / "sinkgd_lr0.001_rest0.003" / "result.json").unlink()
-    second = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    second = run_command(cmd, timeout=300)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "skip adamw_lr0.003_rest0.003: finished earlier" in second.stdout
     assert "sinkgd_lr0.001_rest0.003: done (exit 0)" in second.stdout

@@ -13,7 +13,7 @@ import torch
 
 import trainer.engines.fsdp2 as fsdp2
 from models import Llama, model_config
-from optim import build_optimizer
+from optim import OPTIMIZER_NAMES, build_optimizer
 from trainer.checkpoint import (
     Checkpointer,
     CheckpointError,
@@ -28,8 +28,6 @@ from trainer.engines.fsdp2 import FSDP2Engine
 
 # Without a process group DCP warns that it saves in one process: that is what these tests do.
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-
-OPTIMIZERS = ["adamw", "swan", "sinkgd", "normuon", "auon", "hybrid_auon", "muon"]
 
 
 def _engine(optim: str = "adamw", vocab: int = 64, async_save: bool = False) -> FSDP2Engine:
@@ -124,7 +122,7 @@ def test_saving_the_same_step_again_replaces_it(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000004"]
 
 
-@pytest.mark.parametrize("optim", OPTIMIZERS)
+@pytest.mark.parametrize("optim", OPTIMIZER_NAMES)
 def test_round_trip_continues_bit_for_bit(tmp_path, optim):
     """Model + optimizer state (momentum, NorMuon's row second moment, AdamW moments and step counts) survive."""
     engine = _engine(optim)
@@ -144,7 +142,7 @@ def test_round_trip_continues_bit_for_bit(tmp_path, optim):
         assert torch.equal(got[name], value), name
 
 
-@pytest.mark.parametrize("optim", OPTIMIZERS)
+@pytest.mark.parametrize("optim", OPTIMIZER_NAMES)
 def test_dcp_initialising_a_fresh_optimizer_state_leaves_weights_grads_and_state_clean(optim):
     """Before a load, get_optimizer_state_dict fills an empty optimizer state with a zero-lr step on zero grads.
     That step must not move the weights (SWAN whitens a zero matrix, NorMuon divides by zero norms), leave NaN

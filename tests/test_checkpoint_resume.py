@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from optim import OPTIMIZER_NAMES
 from tests.distributed import run_distributed
 from tests.run_helpers import FAST, logged, train_in_process
 from trainer.checkpoint import read_trainer_state
 
-OPTIMIZERS = ["adamw", "swan", "sinkgd", "normuon", "auon", "hybrid_auon", "muon"]
 # global batch 8 = micro 2 x accumulation 2 x world 2 (accumulation 4 at world size 1, 1 at world size 4)
 RUN = [*FAST, "--train.steps=20"]
 
@@ -34,7 +34,7 @@ def _step10(root: Path, optim: str) -> Path:
 def _full_then_resumed(root: Path) -> None:
     """Per optimizer: 20 uninterrupted steps saving at 10 (async for every other optimizer), then a fresh run
     (new processes' worth of state: model, optimizer, loader all rebuilt) that resumes from step 10."""
-    for index, optim in enumerate(OPTIMIZERS):
+    for index, optim in enumerate(OPTIMIZER_NAMES):
         mode = f"--checkpoint.async_save={'true' if index % 2 else 'false'}"
         train_in_process("tiny_adamw.yaml", _overrides(root, optim, "full", "--checkpoint.every=10", mode))
         resume = f"--checkpoint.resume_from={_step10(root, optim)}"
@@ -44,7 +44,7 @@ def _full_then_resumed(root: Path) -> None:
 
 # World size 4 on two cores is slow: AdamW (moments, step counts) and NorMuon (momentum, per-row second moment,
 # sharded Newton-Schulz, AdamW groups) cover every kind of state. World size 1 resumes every optimizer.
-RESHARDED = {1: OPTIMIZERS, 4: ["adamw", "normuon"]}
+RESHARDED = {1: OPTIMIZER_NAMES, 4: ["adamw", "normuon"]}
 
 
 def _resume(root: Path, world_size: int) -> None:
@@ -61,7 +61,7 @@ def runs(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optim", OPTIMIZERS)
+@pytest.mark.parametrize("optim", OPTIMIZER_NAMES)
 def test_stop_at_10_and_resume_to_20_equals_the_uninterrupted_run_exactly(runs: Path, optim: str) -> None:
     full, resumed = logged(runs / f"{optim}_full"), logged(runs / f"{optim}_resumed")
     assert len(full) == 20 and len(resumed) == 10

@@ -2,31 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.processes import pretrain
 from tests.run_helpers import logged
 from trainer.memory.preflight import available_cpu_bytes
 
-ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+# Every test here runs launch/pretrain.py in child processes.
+pytestmark = pytest.mark.slow
 
 
-def pretrain(*args: str, nproc: int = 0, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    if nproc:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    else:
-        cmd = [sys.executable]
-    cmd += [str(ROOT / "launch" / "pretrain.py"), *args]
-    return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
-
-
-@pytest.mark.slow
 def test_torchrun_two_processes_trains_logs_and_checkpoints(tmp_path: Path) -> None:
     result = pretrain(
         "--config",
@@ -91,7 +79,6 @@ def test_global_batch_not_divisible_by_world_size_is_a_usage_error(tmp_path: Pat
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.slow
 def test_an_empty_data_source_exits_2_and_leaves_no_run_directory(tmp_path: Path) -> None:
     (tmp_path / "empty.jsonl").write_text("")
     result = pretrain(
@@ -106,7 +93,6 @@ def test_an_empty_data_source_exits_2_and_leaves_no_run_directory(tmp_path: Path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl"]  # no runs/<name>/, no tokenizer.json
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(
     available_cpu_bytes() > 26 * 2**30, reason="the plan (2 x 13 GiB) fits this machine's RAM"
 )

@@ -4,9 +4,7 @@ launchers work, and the combinations it cannot run are refused in one line befor
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from functools import partial
 from pathlib import Path
@@ -18,6 +16,7 @@ import torch
 from models import Llama, model_config
 from optim import SWAN, route_parameters
 from tests.distributed import free_port, run_distributed
+from tests.processes import pretrain
 from tests.run_helpers import FAST, logged, train_in_process
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, load_config
@@ -26,8 +25,6 @@ from trainer.memory.planner import plan_memory
 from trainer.memory.tracker import MiB
 from trainer.resolve import resolve
 
-ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 KEYS = ("loss", "grad_norm", "optim/update_rms", "optim/orth_error")
 MEMORY = {
     "params": "memory/params_mib",
@@ -198,11 +195,6 @@ def test_a_skipped_step_under_zero_2_matches_fsdp2(tmp_path) -> None:
     _assert_same_run(results["zero2"], results["fsdp2"])
 
 
-def pretrain(*args: str, launcher: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    cmd = [*launcher, str(ROOT / "launch" / "pretrain.py"), *args]
-    return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
-
-
 @pytest.mark.slow
 def test_deepspeed_launcher_runs_zero_3_with_metrics_tensorboard_and_checkpoints(tmp_path) -> None:
     launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus=2"]  # passes --local_rank
@@ -229,12 +221,13 @@ def test_deepspeed_launcher_runs_zero_3_with_metrics_tensorboard_and_checkpoints
     assert {"lr", "grad_norm", "optim/update_rms", "eval/loss"} <= set(events.Tags()["scalars"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config, stage", [("tiny_swan.yaml", 1), ("tiny_muon.yaml", 3)])
 def test_matrix_optimizers_above_zero_0_are_refused_in_one_line(tmp_path, config, stage) -> None:
     name = config.removeprefix("tiny_").removesuffix(".yaml")
     result = pretrain(
         "--config", config, "--parallel.engine=deepspeed", f"--parallel.zero_stage={stage}",
-        f"--train.runs_dir={tmp_path / 'runs'}", launcher=[sys.executable], cwd=tmp_path,
+        f"--train.runs_dir={tmp_path / 'runs'}", cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [

@@ -1,5 +1,6 @@
 """The FSDP2 engine's step: clipping acts on raw gradients, by the global norm, before the optimizer."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -30,6 +31,7 @@ def _clipped_sgd_update(max_norm: float) -> dict:
     return {"norm": norm, "update_norm": update.norm(), "loss": loss}
 
 
+@pytest.mark.slow
 def test_clipping_scales_the_raw_gradient_to_max_norm() -> None:
     unclipped = run_distributed(_clipped_sgd_update, 1, 0.0)
     assert torch.allclose(unclipped["update_norm"], unclipped["norm"], rtol=1e-5)  # max_norm 0: no clipping

@@ -8,8 +8,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -19,11 +17,9 @@ import torch.distributed as dist
 from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
 from tests.distributed import run_distributed
+from tests.processes import pretrain, pretrain_command, start_command, torchrun
 from tests.run_helpers import FAST, train_in_process, trained_tiny_run
 from trainer.checkpoint import is_complete, latest_checkpoint
-
-ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def _records(run_dir: Path) -> dict[int, list[float]]:
@@ -103,11 +99,6 @@ def test_a_rank_killed_during_a_save_leaves_the_previous_checkpoint_and_the_reru
 # ------------------------------------------------------------------------ damaged / incompatible, CLI exit 2
 
 
-def _pretrain(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "launch" / "pretrain.py"), *args]
-    return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
-
-
 @pytest.fixture(scope="module")
 def ws2_run(tmp_path_factory) -> Path:
     """A 2-step world-size-2 run with its final checkpoint (shards __0_0 and __1_0)."""
@@ -139,9 +130,9 @@ def test_a_damaged_or_incompatible_checkpoint_exits_2_with_one_line_and_deletes_
     shutil.copytree(ws2_run, run_dir)
     damage(run_dir / "checkpoints" / "step_000002")
     before = _snapshot(run_dir)
-    result = _pretrain(
+    result = pretrain(
         "--config", "tiny_adamw.yaml", *FAST, "--train.steps=4", f"--train.runs_dir={tmp_path}",
-        "--train.run_name=run", *args, cwd=tmp_path,
+        "--train.run_name=run", *args, cwd=tmp_path, timeout=300,
     )  # fmt: skip
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
@@ -240,13 +231,12 @@ def _rank_of(pid: int) -> int | None:
 def test_torchrun_restarts_a_job_whose_rank_was_killed_and_it_finishes_from_the_latest_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     log = (tmp_path / "log.txt").open("w")
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-        str(ROOT / "launch" / "pretrain.py"), "--config", "tiny_adamw.yaml", *FAST, "--train.steps=40",
-        "--checkpoint.every=10", f"--train.runs_dir={tmp_path}", "--train.run_name=run",
-    ]  # fmt: skip
+    cmd = pretrain_command(
+        "--config", "tiny_adamw.yaml", *FAST, "--train.steps=40", "--checkpoint.every=10",
+        f"--train.runs_dir={tmp_path}", "--train.run_name=run", launcher=torchrun(2, "--max-restarts=1"),
+    )  # fmt: skip
     # No TORCH_DISABLE_SHARE_RDZV_TCP_STORE needed: trainer.distributed namespaces the store per restart.
-    job = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+    job = start_command(cmd, output=log, cwd=tmp_path)
     try:
         deadline = time.monotonic() + 240
         victim = None

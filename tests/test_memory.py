@@ -74,6 +74,7 @@ def _two_tracked_steps() -> dict:
     }
 
 
+@pytest.mark.slow
 def test_tracker_counts_a_step_exactly():
     # A fresh process: resident-memory readings in a long-lived test process carry other tests' heap.
     got = run_distributed(_two_tracked_steps, 1)

@@ -72,6 +72,7 @@ def test_live_bytes_counts_new_storages_until_freed():
     del d
 
 
+@pytest.mark.slow  # a few seconds: plans llama_350m on the meta device
 def test_static_components_shard_over_the_world():
     cfg = load_config("llama350m_adamw.yaml", ["--train.micro_batch_size=1"])
     one, four = plan_memory(cfg, 1, device="cuda"), plan_memory(cfg, 4, device="cuda")
@@ -83,6 +84,7 @@ def test_static_components_shard_over_the_world():
     assert four.peak < one.peak / 2
 
 
+@pytest.mark.slow  # a few seconds: plans llama_350m on the meta device
 def test_bf16_gpu_swan_with_update_in_backward_heads_to_04x_of_adamw():
     shape = ["--train.micro_batch_size=1", "--train.global_batch_size=1"]
     adamw = plan_memory(load_config("llama350m_adamw.yaml", shape), 1, device="cuda")

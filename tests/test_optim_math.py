@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from optim import SWAN, AuON, HybridAuON, Muon, NorMuon, SinkGD
+from optim import OPTIMIZERS, SWAN, AuON, HybridAuON, Muon, NorMuon, SinkGD
 from optim.health import track_health
 from optim.newton_schulz import coupled_inverse_sqrt_polar
 
@@ -126,14 +126,6 @@ CASES = {
         lambda w, g, st: ref_auon(w, g, st, hybrid_steps=5),
     ),
 }
-DEFAULT_FACTORIES = {
-    "muon": Muon,
-    "swan": SWAN,
-    "sinkgd": SinkGD,
-    "normuon": NorMuon,
-    "auon": AuON,
-    "hybrid_auon": HybridAuON,
-}
 
 
 def _matrices(seed: int = 0) -> list[torch.nn.Parameter]:
@@ -180,11 +172,11 @@ def test_coupled_whitening_converges_to_polar_factor():
         assert (polar - u @ vh).norm() / (u @ vh).norm() < 1e-8
 
 
-@pytest.mark.parametrize("name", list(DEFAULT_FACTORIES))
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_zero_gradient_gives_zero_update(name):
     params = _matrices()
     before = [p.detach().clone() for p in params]
-    opt = DEFAULT_FACTORIES[name](params)
+    opt = OPTIMIZERS[name](params)
     for p in params:
         p.grad = torch.zeros_like(p)
     with track_health(opt) as tracked:
@@ -226,9 +218,9 @@ def test_state_dict_round_trip(name):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("name", list(DEFAULT_FACTORIES))
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_one_dimensional_params_never_take_the_matrix_path(name):
-    cls = DEFAULT_FACTORIES[name]
+    cls = OPTIMIZERS[name]
     with pytest.raises(ValueError, match="1-D parameters never take the matrix path"):
         cls([torch.nn.Parameter(torch.ones(3, 4)), torch.nn.Parameter(torch.ones(4))])
     bias = torch.nn.Parameter(torch.ones(4))
@@ -236,10 +228,10 @@ def test_one_dimensional_params_never_take_the_matrix_path(name):
     assert opt.param_groups[1]["algorithm"] == "adamw"
 
 
-@pytest.mark.parametrize("name", list(DEFAULT_FACTORIES))
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_step_leaves_grad_untouched(name):
     params, bias = _matrices(), torch.nn.Parameter(torch.ones(7, dtype=torch.float64))
-    opt = _with_adamw_group(DEFAULT_FACTORIES[name], params, [bias])
+    opt = _with_adamw_group(OPTIMIZERS[name], params, [bias])
     for p, g in zip(params, _grads(0), strict=True):
         p.grad = g.clone()
     bias.grad = torch.full_like(bias, 0.3)
@@ -250,7 +242,7 @@ def test_step_leaves_grad_untouched(name):
     assert torch.equal(bias.grad, torch.full_like(bias, 0.3))
 
 
-@pytest.mark.parametrize("name", list(DEFAULT_FACTORIES))
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_adamw_groups_equal_torch_adamw(name):
     gen = torch.Generator().manual_seed(3)
     emb = torch.randn(10, 6, generator=gen)  # 2-D but routed to AdamW, as the embedding is
@@ -259,7 +251,7 @@ def test_adamw_groups_equal_torch_adamw(name):
     theirs = [torch.nn.Parameter(emb.clone()), torch.nn.Parameter(gain.clone())]
     matrix = torch.nn.Parameter(torch.randn(5, 6, generator=gen))
     hp = {"lr": 3e-3, "betas": (0.8, 0.95), "eps": 1e-6, "weight_decay": 0.05}
-    opt = DEFAULT_FACTORIES[name]([{"params": [matrix]}, {"params": ours, "algorithm": "adamw", **hp}])
+    opt = OPTIMIZERS[name]([{"params": [matrix]}, {"params": ours, "algorithm": "adamw", **hp}])
     ref = torch.optim.AdamW(theirs, **hp)
     for _ in range(3):
         grads = [torch.randn(p.shape, generator=gen) for p in ours]

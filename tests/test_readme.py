@@ -1,11 +1,10 @@
 """The README's Quick start is what CI runs, and the keys it promises exist."""
 
 import re
-from pathlib import Path
 
+from tests.processes import ROOT
 from trainer.config import Config, load_config
 
-ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 
 
