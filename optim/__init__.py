@@ -111,13 +111,19 @@ def build_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
         _rule_kwargs(cfg, "adamw", set())
         params = [p for p in model.parameters() if p.requires_grad]
         if cfg.adamw_lr is None and cfg.adamw_weight_decay is None:
-            return torch.optim.AdamW(params, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+            return torch.optim.AdamW(
+                params, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+            )
         # The same two lrs the matrix optimizers have: hidden matrices at lr, embedding, head, norms at adamw_lr
         # (a fair baseline tunes both, or the comparison measures the embedding lr instead of the matrix rule).
         matrices, others = route_parameters(model)
         split = [{"params": matrices}, {"params": others, "lr": rest_lr, "weight_decay": rest_wd}]
         return torch.optim.AdamW(
-            [g for g in split if g["params"]], lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+            [g for g in split if g["params"]],
+            lr=cfg.lr,
+            betas=betas,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
         )
     if cfg.name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {cfg.name!r}; known: {', '.join(OPTIMIZER_NAMES)}")

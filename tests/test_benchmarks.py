@@ -13,6 +13,7 @@ import pytest
 from benchmarks.convergence import extension
 from tests.processes import ROOT, run_command
 from tests.run_helpers import logged
+from trainer.config import load_config
 
 
 def test_grid_extends_beyond_the_edge_of_the_best_until_interior_or_the_limit() -> None:
@@ -47,6 +48,8 @@ def test_convergence_quick_writes_table_and_plot_and_resumes(tmp_path: Path) -> 
         f"--runs-dir={runs}",
         f"--out={out}",
     ]
+    # The grids start at the base configs' lrs (configs/tiny_<optimizer>.yaml), named as the sweep names them.
+    A, S = (f"{load_config(f'tiny_{name}').optim.lr:.3g}" for name in ("adamw", "sinkgd"))
     first = run_command(cmd, timeout=300)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
 
@@ -57,26 +60,26 @@ def test_convergence_quick_writes_table_and_plot_and_resumes(tmp_path: Path) -> 
     sweep = runs / "generated_llama_tiny_3072tok_b8x32"  # 3072 tokens: 12 steps x 8 x 32
     # Phase 1 (AdamW, one lr) and AdamW's phase-2 point at phase 1's best lr are one config: one run directory.
     assert sorted(d.name for d in sweep.iterdir() if d.is_dir()) == [
-        "adamw_lr0.003_rest0.003",
-        "adamw_lr0.003_rest0.003_seed1",
-        "sinkgd_lr0.001_rest0.003",
-        "sinkgd_lr0.001_rest0.003_seed1",
+        f"adamw_lr{A}_rest{A}",
+        f"adamw_lr{A}_rest{A}_seed1",
+        f"sinkgd_lr{S}_rest{A}",
+        f"sinkgd_lr{S}_rest{A}_seed1",
     ]
-    assert "adamw_lr: 0.003" in (sweep / "sinkgd_lr0.001_rest0.003" / "config.yaml").read_text()
-    assert "seed: 1" in (sweep / "sinkgd_lr0.001_rest0.003_seed1" / "config.yaml").read_text()
+    assert f"adamw_lr: {A}" in (sweep / f"sinkgd_lr{S}_rest{A}" / "config.yaml").read_text()
+    assert "seed: 1" in (sweep / f"sinkgd_lr{S}_rest{A}_seed1" / "config.yaml").read_text()
     losses = {d.name: logged(d, "eval/loss") for d in sweep.iterdir() if d.is_dir()}
     assert {len(v) for v in losses.values()} == {3}  # 12 steps, an eval every 4: the same eval points for all
     adamw, sinkgd = (
-        [losses[f"{name}_rest0.003{seed}"][-1] for seed in ("", "_seed1")]
-        for name in ("adamw_lr0.003", "sinkgd_lr0.001")
+        [losses[f"{name}_rest{A}{seed}"][-1] for seed in ("", "_seed1")]
+        for name in (f"adamw_lr{A}", f"sinkgd_lr{S}")
     )
     assert adamw[0] != adamw[1]  # seed 1 is another init
     # The table reports what the trainer logged: seed 0 in the sweep, mean [min, max] over the seeds.
-    assert f"one lr for every parameter: **0.003: {adamw[0]:.4f}**; best 0.003 † edge" in text
+    assert f"one lr for every parameter: **{A}: {adamw[0]:.4f}**; best {A} † edge" in text
     rows = {
         line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| ") and " | " in line
     }
-    for name, lr, finals in (("adamw", "0.003", adamw), ("sinkgd", "0.001", sinkgd)):
+    for name, lr, finals in (("adamw", A, adamw), ("sinkgd", S, sinkgd)):
         assert f"| **{lr}: {finals[0]:.4f}** | {lr} † edge |" in rows[name]
         assert f"| {fmean(finals):.4f} [{min(finals):.4f}, {max(finals):.4f}] (2 seeds) |" in rows[name]
     assert "| 1.00x |" in rows["adamw"] and "8.00 B/param, 8.00 B/matrix element" in rows["adamw"]
@@ -87,12 +90,12 @@ def test_convergence_quick_writes_table_and_plot_and_resumes(tmp_path: Path) -> 
     # Second invocation: adamw finished (skipped); sinkgd looks interrupted (no result.json), so the trainer
     # resumes it from its latest checkpoint (the last step): nothing is trained again, the table is identical.
     metrics = {d: (d / "metrics.jsonl").read_text() for d in sweep.iterdir() if d.is_dir()}
-    (sweep / "sinkgd_lr0.001_rest0.003" / "result.json").unlink()
+    (sweep / f"sinkgd_lr{S}_rest{A}" / "result.json").unlink()
     second = run_command(cmd, timeout=300)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "skip adamw_lr0.003_rest0.003: finished earlier" in second.stdout
-    assert "sinkgd_lr0.001_rest0.003: done (exit 0)" in second.stdout
-    log = (sweep / "sinkgd_lr0.001_rest0.003" / "train.log").read_text()
+    assert f"skip adamw_lr{A}_rest{A}: finished earlier" in second.stdout
+    assert f"sinkgd_lr{S}_rest{A}: done (exit 0)" in second.stdout
+    log = (sweep / f"sinkgd_lr{S}_rest{A}" / "train.log").read_text()
     assert "checkpoints/step_000012 at step 12" in log
     assert {d: (d / "metrics.jsonl").read_text() for d in metrics} == metrics
 

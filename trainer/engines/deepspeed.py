@@ -170,7 +170,8 @@ class DeepSpeedEngine:
         )
         weights = list(self.model.parameters())
         partitions = [p.ds_tensor for p in weights if getattr(p, "ds_tensor", None) is not None]
-        (label,) = group_labels(self.optimizer)  # AdamW, one group: the only optimizer above ZeRO-0
+        labels = group_labels(self.optimizer)  # AdamW (one group, or two with optim.adamw_lr): above ZeRO-0
+        label = labels[0] if len(labels) == 1 else "adamw"
         return TrainingTensors(
             params=weights + partitions,
             grads=[p.grad for p in weights] + [m.grad for m in masters],
@@ -208,7 +209,16 @@ class PartitionedAdamWHealth:
         self.optimizer, self.numel, self.device = optimizer, numel, device
 
     def report(self) -> dict[str, float]:
-        (group,) = self.optimizer.param_groups  # build_optimizer's AdamW: one group (DeepSpeed may empty it)
-        sums = adamw_update_sums(self.optimizer.state.items(), group).to(self.device)
+        groups, state = self.optimizer.param_groups, self.optimizer.state
+        if any(g["params"] for g in groups):  # ZeRO-1/2: each group holds this rank's flat partition
+            pairs = [((p, state[p]) for p in g["params"] if p in state) for g in groups]
+            sums = sum(adamw_update_sums(pair, g) for pair, g in zip(pairs, groups, strict=True))
+        elif (
+            len(groups) == 1
+        ):  # ZeRO-3 empties the groups between steps: the partitions are only in the state
+            sums = adamw_update_sums(state.items(), groups[0])
+        else:  # ZeRO-3 with optim.adamw_lr's two groups: no way back from a partition to its group's lr
+            return {}
+        sums = sums.to(self.device)
         dist.all_reduce(sums)
         return health_numbers(*sums.tolist(), self.numel)

@@ -20,6 +20,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from models import causal_lm_loss
@@ -89,7 +90,7 @@ class FSDP2Engine:
         """Global L2 norm of the raw (accumulated, unclipped) gradients; exact under FSDP2."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads)
-        self._norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        self._norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
         return self._norm
 
     def step(self) -> None:
