@@ -211,7 +211,7 @@ def markdown_table(report: SweepReport) -> str:
         "points); token efficiency = AdamW's tokens for it / this optimizer's. Train time: the trainer's own "
         "tokens/s windows, evals included, mean over seeds. Optimizer state: the state tensors after one step, "
         "per model parameter (the AdamW-routed embedding, head and norms included) and per element of the "
-        "hidden matrices (the spec's figure).",
+        "hidden matrices (the papers' figure).",
     ]
     return "\n".join(lines)
 

@@ -3,7 +3,7 @@
 The matrices (q, k, v, o: dim x dim; gate, up: ffn x dim; down: dim x ffn) get random gradients; every optimizer
 steps the same tensors. Timing: warmup steps, then rounds in which every optimizer takes one step in a fresh
 random order (interleaving spreads a noisy machine's slow moments over all of them); the median per optimizer.
-Beside it, the FLOPs of one step from the spec: the matrix products exactly (NS5: ns_steps (4 p^2 q + 2 p^3) per
+Beside it, the FLOPs of one step from docs/optimizers.md: the matrix products exactly (NS5: ns_steps (4 p^2 q + 2 p^3) per
 matrix, i.e. 20 p^2 q + 10 p^3 for 5 steps; SWAN's coupled iteration: 4 p^2 q + 6 ns_steps p^3), and the
 elementwise work as an estimate (c FLOPs per element, c counted from each rule's operations).
 

@@ -128,7 +128,7 @@ def train_seconds(records: list[dict]) -> float:
 
 @dataclass(frozen=True)
 class StateBytes:
-    """Optimizer state of a run's model: all of it, and the hidden matrices' share (the spec's per-element
+    """Optimizer state of a run's model: all of it, and the hidden matrices' share (the papers' per-element
     figures: AdamW 8, Muon/AuON 4, NorMuon 4 + 4/n, SWAN/SinkGD 0)."""
 
     total: int

@@ -35,7 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.distributed import init_distributed, shutdown
     from trainer.train import NonFiniteError, train
 
-    info = init_distributed(cfg.parallel.device, cfg.parallel.backend)
+    try:
+        info = init_distributed(cfg.parallel.device, cfg.parallel.backend)
+    except ConfigError as err:  # before any process group exists: every rank says it, rank 0's line is enough
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     # These errors are raised on every rank alike (same config, files, all-reduced loss), so the ranks can still
     # shut down together. Anything else propagates without a shutdown: peers may be stuck in a collective, and
     # torchrun tears the job down.

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.processes import pretrain
 from tests.run_helpers import logged
@@ -52,6 +53,11 @@ def test_torchrun_two_processes_trains_logs_and_checkpoints(tmp_path: Path) -> N
         (["--config", "tiny_adamw.yaml", "--train.steps=x"], "error: train.steps: expected int, got str"),
         (["--config", "nope.yaml"], "error: config file not found: nope.yaml"),
         (["--config", "tiny_adamw.yaml", "--data.source=missing.jsonl"], "error: data.source: no such file"),
+        pytest.param(
+            ["--config", "tiny_adamw.yaml", "--parallel.device=cuda"],
+            "error: parallel.device=cuda but CUDA is not available",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
+        ),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path: Path, args, message) -> None:

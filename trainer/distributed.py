@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from trainer.config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -39,7 +41,7 @@ def resolve_device(device: str, local_rank: int) -> torch.device:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("parallel.device=cuda but CUDA is not available")
+            raise ConfigError("parallel.device=cuda but CUDA is not available on this machine")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")

@@ -88,6 +88,7 @@ def evaluate(model: nn.Module, held_out: HeldOutSet, micro: int, device: torch.d
 
 
 def train(cfg: Config, dist_info: DistInfo) -> dict[str, Any]:
+    """Train `cfg` on this process's rank; {"step", "loss", "run_dir"}. Usage errors raise before any write."""
     run, device, t = resolve(cfg, dist_info.world_size, dist_info.device), dist_info.device, cfg.train
     data = open_data(cfg, dist_info)
     check_memory_fits(run, dist_info)
