@@ -259,11 +259,15 @@ def _sharded_temporaries(raw: int, opt: OptimizerSim, world: int, matrix_element
 def plan_memory(cfg: Config, world_size: int = 1, device: str = "cuda") -> MemoryPlan:
     """Predict one rank's memory for `cfg` (engine: cfg.parallel.engine) launched on `world_size` ranks of
     `device` ("cpu" | "cuda"). Raises ConfigError for what the trainer would refuse (update_in_backward's)."""
-    s = resolve(cfg, world_size, device)
+    return plan_run(resolve(cfg, world_size, device))
+
+
+def plan_run(s: Run) -> MemoryPlan:
+    """plan_memory for a config already resolved for its launch (the trainer's pre-flight check has one)."""
     meta = _meta_model(s.model)
     units = Units.of(meta)
     n_params = sum(p.numel() for p in meta.parameters())
-    opt = simulate_optimizer(cfg, s.model, per_param=s.update_in_backward)
+    opt = simulate_optimizer(s.cfg, s.model, per_param=s.update_in_backward)
     if s.engine == "deepspeed":
         params, grads, state, buffers, grad_elem = _deepspeed_sizes(s, n_params, sum(opt.state.values()))
         state_rows = [("optimizer state", state)]

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from trainer.config import ConfigError
 from trainer.distributed import DistInfo
-from trainer.memory.planner import GiB, MemoryPlan, plan_memory
+from trainer.memory.planner import GiB, MemoryPlan, plan_run
 from trainer.memory.tracker import proc_bytes
 from trainer.resolve import Run
 
@@ -48,7 +48,7 @@ def check_memory_fits(run: Run, dist_info: DistInfo) -> None:
     """ConfigError (one line: the peak, the limit, the largest term) when the plan exceeds the device."""
     if run.cfg.train.allow_oversubscribe:
         return
-    plan = plan_memory(run.cfg, run.world, run.device)
+    plan = plan_run(run)
     limit = torch.tensor([float(device_limit(dist_info.device, run.world))], device=dist_info.device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(limit, op=dist.ReduceOp.MIN)
