@@ -2,7 +2,8 @@
 
 OUT_DIR gets config.json and model.safetensors, which transformers' LlamaForCausalLM.from_pretrained loads (and
 the run's tokenizer.json, when the run trained one). One process, no process group: DCP reassembles the shards
-written at any world size into whole tensors. A checkpoint that cannot be read prints one `error:` line, exit 2.
+written at any world size into whole tensors; a DeepSpeed checkpoint's fp32 master partitions are merged by
+DeepSpeed's own reader. A checkpoint that cannot be read prints one `error:` line, exit 2.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from models import Llama, LlamaConfig  # noqa: E402
 from models.llama import hf_config_dict, to_hf_state_dict  # noqa: E402
 from trainer.checkpoint import CheckpointError, is_complete, read_trainer_state  # noqa: E402
 from trainer.engines.dcp import load_state  # noqa: E402
+from trainer.engines.deepspeed import read_weights  # noqa: E402
 
 
 def load_model(checkpoint: Path) -> Llama:
@@ -32,7 +34,10 @@ def load_model(checkpoint: Path) -> Llama:
     if "model_config" not in saved:
         raise CheckpointError(f"{checkpoint}: trainer_state.json has no model_config")
     model = Llama(LlamaConfig(**saved["model_config"]))
-    load_state(checkpoint, {"app": {"model": model.state_dict()}})  # into the model's own tensors, in place
+    if saved.get("config", {}).get("parallel", {}).get("engine") == "deepspeed":
+        model.load_state_dict(read_weights(checkpoint))
+    else:
+        load_state(checkpoint, {"app": {"model": model.state_dict()}})  # into the model's own tensors, in place
     return model
 
 

@@ -23,7 +23,14 @@ from torch.optim.adamw import adamw as functional_adamw
 
 from optim.health import HealthTracker, StepHealth, shard_groups
 from optim.newton_schulz import newton_schulz5, ns5_flops, orthogonality_error
-from optim.sharded import ShardInfo, apply_to_whole_matrices, local, shard_info
+from optim.sharded import (
+    FlatLayout,
+    OwnerExchange,
+    ShardInfo,
+    apply_to_whole_matrices,
+    local,
+    shard_info,
+)
 
 # torch.optim.AdamW's defaults, used for any key an algorithm="adamw" group does not give.
 ADAMW_DEFAULTS: dict[str, Any] = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2}
@@ -48,6 +55,15 @@ def check_choice(value: str, choices: tuple[str, ...], name: str) -> str:
 def guarded_ratio(num: Tensor | float, den: Tensor) -> Tensor:
     """num / den, and 0 where den == 0 (an all-zero gradient must give a zero update, never NaN)."""
     return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), 0.0)
+
+
+def _on_device(state: Any, device: torch.device) -> Any:
+    """`state` with every tensor moved to `device`, dtypes kept (a flat partition's state nests per matrix)."""
+    if torch.is_tensor(state):
+        return state.to(device=device)
+    if isinstance(state, dict):
+        return {k: _on_device(v, device) for k, v in state.items()}
+    return state
 
 
 @dataclass
@@ -119,6 +135,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
         self._probe: Tensor | None = None  # orth_error and spectrum: the first of the first matrix group
         self._health: StepHealth | None = None  # the measured step's sums, while it runs
         self._probing = False
+        self._probe_now: Tensor | None = None  # the probe's param in the rule running now (_run_rule)
+        self._flat: dict[int, tuple[FlatLayout, OwnerExchange]] = {}  # id(flat partition) -> its layout, plan
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -154,23 +172,107 @@ class MatrixOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         slots: list[MatrixSlot] = []
+        flats: list[tuple[dict, Tensor]] = []
         for group in self.param_groups:
             if group["algorithm"] == "adamw":
                 self._adamw_step(group)
                 continue
             for p in group["params"]:
-                if p.grad is not None:
+                if p.grad is None:
+                    continue
+                if p.ndim == 1:  # a flat partition (DeepSpeed ZeRO-1/2/3 replaced the group's matrices)
+                    flats.append((group, p))
+                else:
                     slots.append(MatrixSlot(p, group, self.state[p], shard_info(p), local(p), local(p.grad)))
         self._health = self._start_health(slots) if self._tracker is not None and slots else None
-        for chunk in step_chunks(slots, self.max_step_bytes):
-            self._probing = (
-                chunk[0].param is self._probe
-            )  # orth_error: the first matrix of the first matrix group
-            self._matrix_step(chunk)
+        self._run_rule(slots, self._probe)
         if self._health is not None:
             self._tracker.add(self._health)
             self._health = None
+        for group, flat in flats:
+            self._flat_step(group, flat)
         return loss
+
+    def _run_rule(self, slots: list[MatrixSlot], probe: Tensor | None) -> None:
+        """The rule on `slots`, a chunk at a time. The slot whose param is `probe` is the health probe: its
+        update is kept, and its chunk reports its orth_error (so it must lead its chunk)."""
+        self._probe_now = probe
+        try:
+            for chunk in step_chunks(slots, self.max_step_bytes):
+                self._probing = chunk[0].param is probe
+                self._matrix_step(chunk)
+        finally:
+            self._probing, self._probe_now = False, None
+
+    def use_flat_partitions(self, layouts: dict[Tensor, FlatLayout]) -> None:
+        """Step matrix groups whose params DeepSpeed ZeRO replaced by flat 1-D partitions: `layouts` maps each
+        partition to the matrices it holds pieces of. Without a layout a flat partition is refused (a matrix rule
+        never runs on a flattened partition)."""
+        self._flat = {
+            id(flat): (layout, OwnerExchange(layout.infos, self._owner_cost))
+            for flat, layout in layouts.items()
+        }
+
+    def _owner_cost(self, m: int, n: int) -> float:
+        """What a flat step balances its owners on: the rule's dominant FLOPs per (m, n) matrix, Newton-Schulz's
+        for the rules that configure it, else the element count (row, column and norm math)."""
+        steps = getattr(self, "ns_steps", None)
+        return ns5_flops(m, n, steps) if steps is not None else float(m * n)
+
+    def _flat_step(self, group: dict, flat: Tensor) -> None:
+        """One flat partition's matrices, owner-computes: one all-to-all brings every piece of each matrix's
+        gradient to the rank that owns it (balanced by cost, as under FSDP2); the owner runs the rule on the whole
+        matrix with the matrix's state, which lives only there; a second all-to-all returns each rank's piece of
+        the update lr * scale * direction, applied to the partition with the decoupled weight decay. Row- and
+        column-wise math and norms all run on whole matrices, so no other collective is needed. fp32 on the wire
+        both ways: the gradient feeds fp32 state, and the update is what the partition receives."""
+        if id(flat) not in self._flat:
+            raise RuntimeError(
+                f"{type(self).__name__}: a param group holds a flat partition with no layout; a matrix rule never "
+                f"runs on a flattened partition (DeepSpeed ZeRO: see trainer/engines/deepspeed.py)"
+            )
+        layout, plan = self._flat[id(flat)]
+        wholes = plan.to_owners(layout.pieces(flat.grad.float()), torch.float32, flat.device)
+        owned = self.state[flat].setdefault("owned", {})  # matrix index -> that matrix's state
+        probe_index = next((k for k, p in enumerate(layout.params) if p is self._probe), None)
+        order = sorted(wholes, key=lambda k: k != probe_index)  # the probe leads its chunk
+        slots = [
+            MatrixSlot(
+                wholes[k],
+                group,
+                owned.setdefault(k, {}),
+                ShardInfo(wholes[k].shape, None, 0, 1),
+                torch.zeros_like(wholes[k]),
+                wholes[k],
+            )
+            for k in order
+        ]
+        if self._tracker is not None:
+            self._health = self._start_flat_health(layout, flat, probe_index)
+        self._run_rule(slots, slots[0].param if probe_index in wholes else None)
+        updates = plan.to_rows(
+            {k: s.weight for k, s in zip(order, slots, strict=True)}, torch.float32, flat.device
+        )
+        lr, wd = group["lr"], group["weight_decay"]
+        for k, piece in enumerate(layout.pieces(flat)):
+            if wd:
+                piece.mul_(1 - lr * wd)
+            piece.add_(updates[k].to(piece.dtype))
+        if self._health is not None:
+            self._tracker.add(self._health)
+            self._health = None
+
+    def _start_flat_health(self, layout: FlatLayout, flat: Tensor, probe_index: int | None) -> StepHealth:
+        """A flat step's health: |W|^2 from this rank's pieces (each element on one rank), the update sums from
+        the owners; the probed matrix's update is whole on its owner and zero rows elsewhere."""
+        info = layout.infos[0]
+        sums = torch.zeros(3, dtype=torch.float32, device=flat.device)
+        sums[1] = sum(piece.float().square().sum() for piece in layout.pieces(flat))
+        numel = sum(i.shape.numel() for i in layout.infos)
+        health = StepHealth(sums, numel, info.group, None, orthogonality=self.reports_orthogonality)
+        if probe_index is not None:
+            health.probe_update = torch.zeros(0, layout.infos[probe_index].shape[1], device=flat.device)
+        return health
 
     @contextmanager
     def tracking_health(self) -> Iterator[HealthTracker]:
@@ -199,10 +301,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         kept = {pid: state.pop(pid) for pid in list(state) if pid in params}
         super().load_state_dict({**state_dict, "state": state})
         for pid, saved_state in kept.items():
-            p = params[pid]
-            self.state[p] = {
-                k: v.to(device=p.device) if torch.is_tensor(v) else v for k, v in saved_state.items()
-            }
+            self.state[params[pid]] = _on_device(saved_state, params[pid].device)
 
     def _matrix_step(self, slots: list[MatrixSlot]) -> None:
         """Update every matrix of this step (the subclass's rule)."""
@@ -285,7 +384,9 @@ class MatrixOptimizer(torch.optim.Optimizer):
             scaled = direction.float() * scale
             self._health.sums[0] += scaled.square().sum() * lr**2
             self._health.sums[1] += slot.weight.float().square().sum()
-            if slot.param is self._probe:  # its rows of the applied update, for the spectrum (report() time)
+            if (
+                slot.param is self._probe_now
+            ):  # its rows of the applied update, for the spectrum (report() time)
                 self._health.probe_update = scaled.mul_(lr)
         if wd:
             slot.weight.mul_(1 - lr * wd)

@@ -51,6 +51,9 @@ class ShardInfo:
     replicate_group: dist.ProcessGroup | None = None  # a Replicate mesh dim of size > 1 (HSDP's replicas)
     replica: int = 0  # this rank's index in `replicate_group`
     replicas: int = 1  # size of `replicate_group` (1 when None)
+    # Element ranges instead of row blocks (DeepSpeed ZeRO's flat partitions): rank r holds the elements
+    # bounds[r] .. bounds[r + 1] of the row-major flattened matrix (world + 1 non-decreasing offsets, 0 .. m n).
+    bounds: tuple[int, ...] | None = None
 
     @property
     def chunk(self) -> int:
@@ -68,6 +71,21 @@ class ShardInfo:
     @property
     def local_rows(self) -> int:
         return self.rows_of(self.rank)
+
+    def numel_of(self, rank: int) -> int:
+        """Elements of the matrix held by `rank`: its rows, or its element range."""
+        if self.bounds is not None:
+            return self.bounds[rank + 1] - self.bounds[rank]
+        return self.rows_of(rank) * self.shape[1]
+
+    def elements_of(self, rank: int) -> slice:
+        """`rank`'s elements as a slice of the row-major flattened matrix (contiguous in both layouts)."""
+        start = self.bounds[rank] if self.bounds is not None else self.row_slice(rank).start * self.shape[1]
+        return slice(start, start + self.numel_of(rank))
+
+    def local_shape(self, rank: int) -> tuple[int, ...]:
+        """The shape of `rank`'s block: (rows, n), or (elements,) for an element range."""
+        return (self.numel_of(rank),) if self.bounds is not None else (self.rows_of(rank), self.shape[1])
 
     @property
     def slots(self) -> int:
@@ -222,13 +240,14 @@ class _Exchange:
         self.here = self.by_slot[self.me.replica]  # this replica's matrices, by owner rank
 
     def _size(self, i: int, rank: int) -> int:
-        """Elements of matrix i's row block on `rank` of the shard group."""
-        return self.infos[i].rows_of(rank) * self.infos[i].shape[1]
+        """Elements of matrix i's block on `rank` of the shard group."""
+        return self.infos[i].numel_of(rank)
 
     def to_owners(
         self, blocks: Sequence[Tensor], dtype: torch.dtype, device: torch.device
     ) -> dict[int, Tensor]:
-        """All-to-all 1: the whole matrices this rank owns, assembled from every rank's row block."""
+        """All-to-all 1: the whole matrices this rank owns, assembled from every rank's block (row blocks and
+        element ranges alike are contiguous pieces of the flattened matrix, in rank order)."""
         me, mine = self.me, self.here[self.me.rank]
         chunks = [_flat([blocks[i] for i in owned], dtype, device) for owned in self.here]
         sizes = [sum(self._size(i, src) for i in mine) for src in range(me.world)]
@@ -237,17 +256,17 @@ class _Exchange:
             for src, piece in enumerate(_all_to_all(chunks, sizes, me.group))
         ]
         return {
-            i: torch.cat([received[src][k].view(-1, self.infos[i].shape[1]) for src in range(me.world)])
+            i: torch.cat([received[src][k] for src in range(me.world)]).view(self.infos[i].shape)
             for k, i in enumerate(mine)
         }
 
     def to_rows(
         self, results: dict[int, Tensor], dtype: torch.dtype, device: torch.device
     ) -> dict[int, Tensor]:
-        """All-to-all 2: this rank's row block of the result of every matrix this replica computed."""
+        """All-to-all 2: this rank's block of the result of every matrix this replica computed."""
         me, mine = self.me, self.here[self.me.rank]
         chunks = [
-            _flat([results[i][self.infos[i].row_slice(dst)] for i in mine], dtype, device)
+            _flat([results[i].reshape(-1)[self.infos[i].elements_of(dst)] for i in mine], dtype, device)
             for dst in range(me.world)
         ]
         sizes = [sum(self._size(i, me.rank) for i in owned) for owned in self.here]
@@ -270,9 +289,83 @@ class _Exchange:
                 rows.update(self._parse(share, piece[: sizes[replica]]))
 
     def _parse(self, matrices: list[int], buffer: Tensor) -> dict[int, Tensor]:
-        """This rank's row blocks of `matrices`, laid out one after the other in `buffer`."""
-        pieces = buffer.split([self._size(i, self.me.rank) for i in matrices])
-        return {i: p.view(-1, self.infos[i].shape[1]) for i, p in zip(matrices, pieces, strict=True)}
+        """This rank's blocks of `matrices`, laid out one after the other in `buffer`."""
+        rank = self.me.rank
+        pieces = buffer.split([self._size(i, rank) for i in matrices])
+        return {i: p.view(self.infos[i].local_shape(rank)) for i, p in zip(matrices, pieces, strict=True)}
+
+
+@dataclass(frozen=True)
+class FlatLayout:
+    """Where whole matrices sit in this rank's flat 1-D partition (DeepSpeed ZeRO hands the optimizer one per
+    param group): matrix k's elements `infos[k].elements_of(rank)` are `flat[offsets[k]:][:numel_of(rank)]`.
+    Every rank of the group holds a layout of the same matrices, in the same order."""
+
+    params: tuple[Tensor, ...]  # the model's matrices (identity only: which one is the health probe)
+    infos: tuple[ShardInfo, ...]  # each matrix's element bounds over the group (bounds set)
+    offsets: tuple[int, ...]  # where this rank's piece of each matrix starts in the flat partition
+
+    @classmethod
+    def of_concatenation(
+        cls,
+        params: Sequence[Tensor],
+        shapes: Sequence[torch.Size],
+        starts: Sequence[int],
+        partition: int,
+        group: dist.ProcessGroup,
+    ) -> FlatLayout:
+        """ZeRO-1/2: the matrices concatenated at `starts` in one flat buffer that is cut into equal
+        partitions of `partition` elements, partition r on rank r."""
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        infos, offsets = [], []
+        for shape, start in zip(shapes, starts, strict=True):
+            numel = shape.numel()
+            bounds = tuple(min(max(r * partition - start, 0), numel) for r in range(world + 1))
+            infos.append(ShardInfo(shape, group, rank, world, bounds=bounds))
+            offsets.append(max(start - rank * partition, 0))
+        return cls(tuple(params), tuple(infos), tuple(offsets))
+
+    @classmethod
+    def of_partitioned_matrices(
+        cls,
+        params: Sequence[Tensor],
+        shapes: Sequence[torch.Size],
+        partitions: Sequence[int],
+        group: dist.ProcessGroup,
+    ) -> FlatLayout:
+        """ZeRO-3: each matrix cut into equal partitions of `partitions[k]` elements (partition r on rank r,
+        the last one padded), and this rank's partitions of all matrices concatenated."""
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        infos, offsets, offset = [], [], 0
+        for shape, partition in zip(shapes, partitions, strict=True):
+            bounds = tuple(min(r * partition, shape.numel()) for r in range(world + 1))
+            infos.append(ShardInfo(shape, group, rank, world, bounds=bounds))
+            offsets.append(offset)
+            offset += partition
+        return cls(tuple(params), tuple(infos), tuple(offsets))
+
+    def pieces(self, flat: Tensor) -> list[Tensor]:
+        """This rank's piece of each matrix: views into `flat` (possibly empty)."""
+        return [
+            flat[offset : offset + info.numel_of(info.rank)]
+            for offset, info in zip(self.offsets, self.infos, strict=True)
+        ]
+
+
+class OwnerExchange(_Exchange):
+    """The owner-computes plan of one layout's matrices (one shard group, no replicas): which rank computes which
+    matrix, and the two all-to-alls that bring blocks to their owners and results back. Computed from the shapes
+    alone, so every rank holds the same plan; reusable for as long as the layout holds."""
+
+    def __init__(self, infos: Sequence[ShardInfo], cost: Callable[[int, int], float] = ns5_flops) -> None:
+        if len(_by_group(infos)) != 1 or infos[0].replicas != 1:
+            raise ValueError("an owner exchange needs matrices of one shard group without replicas")
+        super().__init__(infos, list(range(len(infos))), cost)
+
+    @property
+    def owned(self) -> list[int]:
+        """The matrices this rank computes."""
+        return self.here[self.me.rank]
 
 
 def apply_to_whole_matrices(

@@ -52,6 +52,10 @@ class SWAN(MatrixOptimizer):
         )
         super().__init__(params, {"lr": lr, "eps": eps, "weight_decay": weight_decay})
 
+    def _owner_cost(self, m: int, n: int) -> float:
+        cost = coupled_flops if self.whitening == "coupled" else ns5_flops
+        return cost(m, n, self.ns_steps)
+
     def _matrix_step(self, slots: list[MatrixSlot]) -> None:
         normalized = []
         for slot in slots:

@@ -137,12 +137,6 @@ def _engine(cfg: Config, world_size: int, batches: Batches) -> str:
             )
         if cfg.optim.update_in_backward:
             raise ConfigError("optim.update_in_backward is implemented for parallel.engine=fsdp2 only")
-        if p.zero_stage and cfg.optim.name != "adamw":
-            raise ConfigError(
-                f"optim.name={cfg.optim.name} needs parallel.zero_stage=0 with parallel.engine=deepspeed, got "
-                f"{p.zero_stage}: ZeRO-1/2/3 hand the optimizer flattened partitions (deepspeed: adamw at stages "
-                f"0-3, matrix optimizers at stage 0; fsdp2: every optimizer)"
-            )
         return "deepspeed"
     if cfg.optim.update_in_backward:
         _check_update_in_backward(cfg, batches)

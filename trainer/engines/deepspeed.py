@@ -12,10 +12,13 @@ schedule, metrics and checkpoints stay one copy. How our config maps onto DeepSp
 - bf16 (mixed_precision auto on GPU, or bf16): ZeRO-0 uses torch autocast, so weights stay fp32 and whole, which
   the matrix optimizers need; ZeRO-1/2/3 use DeepSpeed's bf16 weights with fp32 master partitions.
 
-Optimizers: AdamW at every stage; our matrix optimizers at ZeRO-0 only. At stages 1-3 DeepSpeed hands the optimizer
-flat 1-D partitions that cut across matrices; trainer/resolve.py refuses that combination, and
-`check_whole_matrices` makes sure no matrix rule ever holds anything but the model's own 2-D weights, whatever
-DeepSpeed does underneath.
+Optimizers: every optimizer at every stage. At ZeRO-0 the matrix optimizers step the model's own 2-D weights. At
+ZeRO-1/2/3 DeepSpeed replaces each param group's params by one flat 1-D fp32 partition per rank that cuts across
+matrices (ZeRO-3: one per sub-group, stepped one at a time); `zero_layouts` reads from DeepSpeed's own bookkeeping
+where each matrix's pieces sit in those partitions, and the optimizer steps them owner-computes
+(`MatrixOptimizer.use_flat_partitions`, optim/base.py): whole matrices, each on one rank, the same rule code as
+FSDP2's. This is DeepSpeed's optimizer-wrapping contract (`deepspeed.initialize(optimizer=...)`: ZeRO hands the
+wrapped optimizer its partitions and calls its `step()`), with no patch of DeepSpeed itself.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ from torch import nn
 from torch.optim import Optimizer
 
 from models import causal_lm_loss
+from optim.base import MatrixOptimizer
 from optim.health import HealthReport, adamw_update_sums, health_numbers, track_health
+from optim.sharded import FlatLayout
 from trainer.checkpoint import read_trainer_state
 from trainer.config import ConfigError
 from trainer.memory.tracker import TrainingTensors, group_labels, state_tensors
@@ -59,17 +64,56 @@ def deepspeed_config(
     }
 
 
-def check_whole_matrices(optimizer: Optimizer, model: nn.Module, stage: int) -> None:
-    """Refuse to train if a matrix-rule param group holds anything but the model's own 2-D weights."""
-    own = {id(p) for p in model.parameters()}
-    for group in optimizer.param_groups:
-        if group.get("algorithm", "adamw") != "adamw" and any(
-            id(p) not in own or p.ndim != 2 for p in group["params"]
-        ):
-            raise ConfigError(
-                f"DeepSpeed ZeRO-{stage} handed {type(optimizer).__name__} tensors that are not the model's 2-D "
-                f"weights; a matrix rule never runs on flattened partitions"
+def zero_layouts(zero: Any, optimizer: Optimizer, stage: int) -> dict[torch.Tensor, FlatLayout]:
+    """The flat fp32 partitions ZeRO-1/2/3 hand the matrix-rule param groups, each with where its matrices'
+    pieces sit, from DeepSpeed's own bookkeeping. ZeRO-1/2: a group's params concatenated (at
+    round_robin_bit16_offsets) and cut into equal partitions (partition_size). ZeRO-3: each param cut into equal
+    partitions of partition_numel() elements, a sub-group's partitions of this rank concatenated."""
+    matrix_groups = {
+        i for i, g in enumerate(optimizer.param_groups) if g.get("algorithm", "adamw") != "adamw"
+    }
+    layouts = {}
+    if stage in (1, 2):
+        for i in sorted(matrix_groups):
+            layouts[zero.single_partition_of_fp32_groups[i]] = FlatLayout.of_concatenation(
+                zero.round_robin_bit16_groups[i],
+                [meta.shape for meta in zero.round_robin_bit16_meta[i]],
+                zero.round_robin_bit16_offsets[i],
+                int(zero.partition_size[i]),
+                zero.real_dp_process_group[i] or dist.group.WORLD,
             )
+    else:
+        for k, params in enumerate(zero.fp16_groups):
+            if zero.sub_group_to_group_id[k] in matrix_groups:
+                layouts[zero.fp32_partitioned_groups_flat[k]] = FlatLayout.of_partitioned_matrices(
+                    params,
+                    [p.ds_shape for p in params],
+                    [p.partition_numel() for p in params],
+                    zero.dp_process_group or dist.group.WORLD,
+                )
+    return layouts
+
+
+def check_whole_matrices(
+    optimizer: Optimizer, model: nn.Module, layouts: dict[torch.Tensor, FlatLayout]
+) -> None:
+    """Refuse to train unless every matrix-rule param is the model's own 2-D weight (ZeRO-0) or, at ZeRO-1/2/3,
+    each of the model's matrices sits in exactly one laid-out flat partition: no stage may fall back to another
+    rule, or step a matrix twice or never."""
+    own = {id(p) for p in model.parameters()}
+    laid_out = [id(p) for layout in layouts.values() for p in layout.params]
+    for group in optimizer.param_groups:
+        if group.get("algorithm", "adamw") == "adamw":
+            continue
+        for p in group["params"]:
+            if p.ndim == 2 and id(p) in own or p.ndim == 1 and any(p is flat for flat in layouts):
+                continue
+            raise ConfigError(
+                f"DeepSpeed handed {type(optimizer).__name__} a tensor of shape {tuple(p.shape)} that is neither one "
+                f"of the model's 2-D weights nor a flat partition with a layout; a matrix rule never runs on it"
+            )
+    if len(laid_out) != len(set(laid_out)) or not set(laid_out) <= own:
+        raise ConfigError("DeepSpeed's partitions hold a matrix twice, or one that is not the model's")
 
 
 class DeepSpeedEngine:
@@ -101,9 +145,14 @@ class DeepSpeedEngine:
         self.numel = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
         config = deepspeed_config(zero_stage, micro_batch, accumulation, world_size, max_norm, bf16)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-        check_whole_matrices(optimizer, model, self.stage)
+        layouts = {}
+        if zero_stage and isinstance(optimizer, MatrixOptimizer):
+            layouts = zero_layouts(self.engine.optimizer, optimizer, zero_stage)
+            optimizer.use_flat_partitions(layouts)
+        check_whole_matrices(optimizer, model, layouts)
         self.model = model
         self.optimizer = optimizer
+        self.labels = group_labels(optimizer)  # ZeRO narrows param_groups to the one it steps, so fixed here
 
     def forward_backward(self, micro_batches: list[torch.Tensor]) -> torch.Tensor:
         """Accumulate gradients over the micro-batches (reduced at the last); return this rank's mean loss."""
@@ -150,7 +199,7 @@ class DeepSpeedEngine:
         """The optim/ numbers FSDP2 logs. ZeRO-0: the optimizer's own (whole tensors). ZeRO-1..3: AdamW's last
         update recomputed from its state over this rank's flat partitions (their padding is zero: no update, no
         weight), then summed over ranks: exact, as under FSDP2. report() is collective."""
-        if self.stage == 0 or not enabled:
+        if self.stage == 0 or not enabled or isinstance(self.optimizer, MatrixOptimizer):
             with track_health(self.optimizer, enabled) as report:
                 yield report
         else:
@@ -161,7 +210,7 @@ class DeepSpeedEngine:
         ZeRO-1..3: the model's weights as this rank holds them (ZeRO-3: its partitions in `ds_tensor`, beside
         any parameter gathered now; DeepSpeed keeps small ones gathered), the fp32 master partitions the
         optimizer steps (optimizer state, as the ZeRO paper counts them) and, while they exist, their gradients.
-        AdamW's state is read from the optimizer's state dict: ZeRO-3 empties the param groups between steps."""
+        The optimizer state is read through the master partitions (ZeRO-3 empties the param groups between steps)."""
         if self.stage == 0:
             return TrainingTensors.of(self.model, self.optimizer)
         zero = self.engine.optimizer
@@ -170,16 +219,25 @@ class DeepSpeedEngine:
         )
         weights = list(self.model.parameters())
         partitions = [p.ds_tensor for p in weights if getattr(p, "ds_tensor", None) is not None]
-        labels = group_labels(self.optimizer)  # AdamW (one group, or two with optim.adamw_lr): above ZeRO-0
-        label = labels[0] if len(labels) == 1 else "adamw"
         return TrainingTensors(
             params=weights + partitions,
             grads=[p.grad for p in weights] + [m.grad for m in masters],
-            optimizer_state={
-                label: state_tensors(self.optimizer.state.values()),
-                "master_weights": list(masters),
-            },
+            optimizer_state={**self._state_by_group(masters), "master_weights": list(masters)},
         )
+
+    def _state_by_group(self, masters: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+        """Optimizer state per param group label, read through the master partitions it is keyed by (ZeRO-3 empties
+        the param groups between steps; its partition k belongs to group sub_group_to_group_id[k])."""
+        labels, zero = self.labels, self.engine.optimizer
+        owners = (
+            [zero.sub_group_to_group_id[k] for k in range(len(masters))]
+            if self.stage == 3
+            else range(len(masters))
+        )
+        state: dict[str, list[torch.Tensor]] = {label: [] for label in labels}
+        for group, master in zip(owners, masters, strict=True):
+            state[labels[group]] += state_tensors([self.optimizer.state.get(master, {})])
+        return state
 
     def save(self, path: Path) -> Future | None:
         """Every rank writes its own ZeRO partitions (DeepSpeed's format) into path/deepspeed/; synchronous."""
@@ -198,6 +256,20 @@ class DeepSpeedEngine:
         self.engine.load_checkpoint(
             str(path), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
         )
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The whole fp32 weights of a DeepSpeed checkpoint (path/deepspeed/) on CPU, in one process: at ZeRO-1/2/3
+    the fp32 master partitions merged by DeepSpeed's own reader (deepspeed.utils.zero_to_fp32), at ZeRO-0 the
+    module's weights. Both unpickle DeepSpeed's files, so read only checkpoints of your own runs."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    stage = read_trainer_state(path).get("config", {}).get("parallel", {}).get("zero_stage", 0)
+    if stage == 0:
+        return torch.load(path / TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)[
+            "module"
+        ]
+    return dict(get_fp32_state_dict_from_zero_checkpoint(str(path), tag=TAG))
 
 
 class PartitionedAdamWHealth:

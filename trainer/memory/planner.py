@@ -30,8 +30,9 @@ from torch.utils._pytree import tree_leaves
 
 from models import Llama, LlamaConfig, causal_lm_loss
 from optim import build_optimizer, step_params
+from optim.sharded import assign_owners
 from trainer.config import Config
-from trainer.memory.tracker import optimizer_state_bytes
+from trainer.memory.tracker import local_bytes, optimizer_state_bytes, state_tensors
 from trainer.resolve import Run, resolve
 
 GiB = 2**30
@@ -147,6 +148,20 @@ class OptimizerSim:
     temporaries: int  # peak extra bytes of one steady-state step (per_param: of the costliest parameter)
     adamw_param_bytes: int  # bytes of the params the AdamW path steps (for the foreach buffer on CUDA)
     comm_bytes: int  # element size of the row shards a whole-matrix rule sends to owners; 0: no such rule
+    # each matrix-rule param's (shape, state bytes), and what the rule balances owners on (optim.base)
+    matrix_state: list[tuple[tuple[int, int], int]] = field(default_factory=list)
+    owner_cost: Any = None
+
+    def owned_state(self, world: int) -> int:
+        """The busiest rank's matrix-rule state under DeepSpeed ZeRO-1/2/3, where each matrix's state lives whole
+        on the rank that computes its rule (optim.base.MatrixOptimizer._flat_step)."""
+        if not self.matrix_state:
+            return 0
+        owners = assign_owners([shape for shape, _ in self.matrix_state], world, self.owner_cost)
+        loads = [0] * world
+        for (_, nbytes), owner in zip(self.matrix_state, owners, strict=True):
+            loads[owner] += nbytes
+        return max(loads)
 
 
 def simulate_optimizer(cfg: Config, mcfg: LlamaConfig, per_param: bool) -> OptimizerSim:
@@ -166,7 +181,20 @@ def simulate_optimizer(cfg: Config, mcfg: LlamaConfig, per_param: bool) -> Optim
     adamw = [p for g in optimizer.param_groups if g.get("algorithm", "adamw") == "adamw" for p in g["params"]]
     comm = getattr(optimizer, "comm_dtype", None)  # set by the rules that gather whole matrices
     comm_bytes = torch.finfo(comm).bits // 8 if comm is not None else 0
-    return OptimizerSim(optimizer_state_bytes(optimizer), peak, sum(p.numel() * 4 for p in adamw), comm_bytes)
+    matrix_state = [
+        (tuple(p.shape), local_bytes(state_tensors([optimizer.state[p]])))
+        for g in optimizer.param_groups
+        if g.get("algorithm", "adamw") != "adamw"
+        for p in g["params"]
+    ]
+    return OptimizerSim(
+        optimizer_state_bytes(optimizer),
+        peak,
+        sum(p.numel() * 4 for p in adamw),
+        comm_bytes,
+        matrix_state,
+        getattr(optimizer, "_owner_cost", None),
+    )
 
 
 @dataclass
@@ -269,7 +297,7 @@ def plan_run(s: Run) -> MemoryPlan:
     n_params = sum(p.numel() for p in meta.parameters())
     opt = simulate_optimizer(s.cfg, s.model, per_param=s.update_in_backward)
     if s.engine == "deepspeed":
-        params, grads, state, buffers, grad_elem = _deepspeed_sizes(s, n_params, sum(opt.state.values()))
+        params, grads, state, buffers, grad_elem = _deepspeed_sizes(s, n_params, opt)
         state_rows = [("optimizer state", state)]
         busiest = end = buffers
     else:
@@ -316,14 +344,16 @@ def plan_run(s: Run) -> MemoryPlan:
     return plan
 
 
-def _deepspeed_sizes(s: Run, n_params: int, state: int) -> tuple[int, int, int, int, float]:
+def _deepspeed_sizes(s: Run, n_params: int, opt: OptimizerSim) -> tuple[int, int, int, int, float]:
     """(params, grads, optimizer state, buffers, grad bytes per element) per rank under DeepSpeed ZeRO.
 
     ZeRO-0 (autocast for bf16): fp32 weights, gradients and state on every rank, bf16 weight casts cached
-    during forward. ZeRO-1/2/3: weights in the compute dtype (sharded at 3), fp32 master weights and state
-    sharded (the masters are a copy even when the weights are fp32: trainer.memory measures them);
-    gradients in the compute dtype, sharded from stage 2; reduce/all-gather buckets of up to 5e8 elements.
+    during forward. ZeRO-1/2/3: weights in the compute dtype (sharded at 3), fp32 master weights and AdamW's
+    state sharded (the masters are a copy even when the weights are fp32: trainer.memory measures them), a
+    matrix rule's state on the owners of its matrices (the busiest rank's share); gradients in the compute
+    dtype, sharded from stage 2; reduce/all-gather buckets of up to 5e8 elements.
     """
+    state = sum(opt.state.values())
     if s.zero_stage == 0:
         cast = n_params * 2 if s.compute_bytes == 2 else 0
         return n_params * 4, n_params * 4, state, cast, 4
@@ -332,4 +362,6 @@ def _deepspeed_sizes(s: Run, n_params: int, state: int) -> tuple[int, int, int, 
     params = n_params * c if s.zero_stage < 3 else shard(n_params * c, s.world)
     grads = n_params * c if s.zero_stage == 1 else shard(n_params * c, s.world)
     bucket = min(DEEPSPEED_BUCKET_ELEMENTS, n_params) * c
-    return params, grads, shard(state + master, s.world), bucket, grads / n_params
+    matrix = sum(nbytes for _, nbytes in opt.matrix_state)
+    state = shard(state - matrix + master, s.world) + opt.owned_state(s.world)
+    return params, grads, state, bucket, grads / n_params

@@ -64,8 +64,16 @@ def group_labels(optimizer: torch.optim.Optimizer) -> list[str]:
 
 
 def state_tensors(states: Iterable[dict[str, Any]]) -> list[torch.Tensor]:
-    """The tensors among optimizer per-parameter states (step counters included when they are tensors)."""
-    return [v for s in states for v in s.values() if torch.is_tensor(v)]
+    """The tensors among optimizer per-parameter states (step counters included when they are tensors), nested
+    dicts included (a matrix optimizer's state of a ZeRO flat partition holds one dict per matrix it owns)."""
+    tensors: list[torch.Tensor] = []
+    for state in states:
+        for value in state.values():
+            if torch.is_tensor(value):
+                tensors.append(value)
+            elif isinstance(value, dict):
+                tensors.extend(state_tensors([value]))
+    return tensors
 
 
 def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> dict[str, list[torch.Tensor]]:
