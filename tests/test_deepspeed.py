@@ -139,8 +139,23 @@ def _assert_same_weights(got: dict[str, torch.Tensor], reference: dict[str, torc
         assert apart <= allowed, f"{name}: {key} ({apart} elements apart)"
 
 
+def _assert_state_partitioned(root: Path, name: str, stage: int, world: int) -> None:
+    """Rank 0's optimizer state at ZeRO-`stage` is what the planner predicts, and the matrix rule's own state
+    (momentum; NorMuon's row moments) is partitioned: each matrix's on its owner, a 1/world share per rank."""
+    state = logged(root / f"{name}_zero{stage}", "memory/optimizer_state_mib")[-1]
+    cfg = load_config(
+        f"tiny_{name}.yaml", [*_common(f"tiny_{name}.yaml"), *DEEPSPEED, f"--parallel.zero_stage={stage}"]
+    )
+    plan = dict(plan_memory(cfg, world_size=world, device="cpu").rows)
+    assert state == pytest.approx(plan["optimizer state"] / MiB, rel=1e-3), f"{name} ZeRO-{stage}"
+    key = f"memory/optimizer_state/group0_{name}_mib"
+    if stage and name in ("normuon", "muon") and world == 2:  # tiny's matrices split evenly over 2 owners
+        whole = logged(root / f"{name}_zero0", key)[-1]
+        assert logged(root / f"{name}_zero{stage}", key)[-1] == pytest.approx(whole / 2, rel=1e-3)
+
+
 def _assert_zero_parity(
-    root: Path, results: dict[str, Any], names: tuple[str, ...], stages: tuple[int, ...]
+    root: Path, results: dict[str, Any], names: tuple[str, ...], stages: tuple[int, ...], world: int
 ) -> None:
     for run in results:
         results[run]["weights"] = _weights(root / run)
@@ -152,6 +167,7 @@ def _assert_zero_parity(
             for key in ("loss", "grad_norm", "optim/update_rms"):
                 assert got[key] == pytest.approx(reference[key], rel=1e-5, abs=1e-5), f"{run}: {key}"
             _assert_same_weights(got["weights"], reference["weights"], run)
+            _assert_state_partitioned(root, name, stage, world)
             if name in NEWTON_SCHULZ or name == "swan":
                 # the orthogonality of the first matrix's whole result, every step: the rule ran on whole
                 # matrices (a partition's piece would be another matrix, with an error apart by 1e-2 or more;
@@ -172,7 +188,7 @@ def test_every_matrix_optimizer_at_every_zero_stage_equals_fsdp2(tmp_path) -> No
             for s in range(4)
         ]
     results = run_distributed(_train_all, 2, tmp_path, runs)
-    _assert_zero_parity(tmp_path, results, MATRIX_OPTIMIZERS, (0, 1, 2, 3))
+    _assert_zero_parity(tmp_path, results, MATRIX_OPTIMIZERS, (0, 1, 2, 3), world=2)
 
 
 @pytest.mark.slow
@@ -190,7 +206,7 @@ def test_zero_stages_at_world_size_4_equal_fsdp2(tmp_path) -> None:
             for s in (2, 3)
         ]
     results = run_distributed(_train_all, 4, tmp_path, runs)
-    _assert_zero_parity(tmp_path, results, names, (2, 3))
+    _assert_zero_parity(tmp_path, results, names, (2, 3), world=4)
 
 
 def _resume_runs(root: Path, runs: list[tuple[str, str, list[str]]]) -> dict[str, Any]:
@@ -223,6 +239,12 @@ def test_resume_is_exact_and_another_zero_stage_is_refused(tmp_path) -> None:
     runs = [
         ("adamw_zero2", "tiny_adamw.yaml", [*DEEPSPEED, "--parallel.zero_stage=2"]),
         ("normuon_zero0", "tiny_normuon.yaml", DEEPSPEED),
+        # NorMuon's momentum and row moments live on the owners of their matrices: saved and restored by rank
+        *[
+            (f"normuon_zero{s}", "tiny_normuon.yaml", [*DEEPSPEED, f"--parallel.zero_stage={s}"])
+            for s in (1, 2, 3)
+        ],
+        ("swan_zero3", "tiny_swan.yaml", [*DEEPSPEED, "--parallel.zero_stage=3"]),
     ]
     results = run_distributed(_resume_runs, 2, tmp_path, runs)
     checkpoints = tmp_path / "adamw_zero2" / "checkpoints"
@@ -279,15 +301,15 @@ def test_a_skipped_step_under_zero_2_matches_fsdp2(tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_deepspeed_launcher_runs_zero_3_with_metrics_tensorboard_and_checkpoints(tmp_path) -> None:
+def test_deepspeed_launcher_runs_normuon_at_zero_3_with_metrics_tensorboard_and_checkpoints(tmp_path) -> None:
     launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus=2"]  # passes --local_rank
     launcher.append(f"--master_port={free_port()}")
     result = pretrain(
-        "--config", "tiny_adamw.yaml", f"--train.runs_dir={tmp_path}", "--train.steps=4", "--metrics.log_every=2",
+        "--config", "tiny_normuon.yaml", f"--train.runs_dir={tmp_path}", "--train.steps=4", "--metrics.log_every=2",
         "--parallel.engine=deepspeed", "--parallel.zero_stage=3", launcher=launcher,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    run_dir = tmp_path / "tiny_adamw"
+    run_dir = tmp_path / "tiny_normuon"
     losses = logged(run_dir)
     assert len(losses) == 2 and losses[1] < losses[0]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000004"]
@@ -301,7 +323,9 @@ def test_deepspeed_launcher_runs_zero_3_with_metrics_tensorboard_and_checkpoints
     events = EventAccumulator(str(run_dir / "tb"))
     events.Reload()
     assert [e.value for e in events.Scalars("loss")] == pytest.approx(losses)
-    assert {"lr", "grad_norm", "optim/update_rms", "eval/loss"} <= set(events.Tags()["scalars"])
+    assert {"lr", "grad_norm", "optim/update_rms", "optim/orth_error", "eval/loss"} <= set(
+        events.Tags()["scalars"]
+    )
 
 
 def test_a_matrix_rule_never_holds_a_flattened_partition_without_its_layout() -> None:
@@ -422,3 +446,25 @@ def test_our_muon_under_zero_2_equals_deepspeeds_own_muon(monkeypatch) -> None:
     assert result["ours"][-1] < result["ours"][0]
     assert max(result["max_weight_difference"]) <= 1e-5
     assert min(result["moved"]) > 1e-3  # real steps: the weights moved by far more than the tolerance
+
+
+def test_a_model_built_under_zero_init_is_refused_in_one_line() -> None:
+    """zero.Init builds parameters already partitioned; the engine builds the model whole and lets
+    deepspeed.initialize partition it, so a partitioned model is refused before DeepSpeed touches it."""
+    from trainer.engines.deepspeed import DeepSpeedEngine
+
+    model = Llama(model_config("llama_tiny", vocab_size=64, max_seq_len=16))
+    matrices, others = route_parameters(model)
+    optimizer = SWAN([{"params": matrices}, {"params": others, "algorithm": "adamw"}])
+    next(model.parameters()).ds_id = 0  # what zero.Init leaves on every parameter
+    with pytest.raises(ConfigError, match="built under deepspeed.zero.Init"):
+        DeepSpeedEngine(
+            model,
+            optimizer,
+            zero_stage=3,
+            micro_batch=1,
+            accumulation=1,
+            world_size=1,
+            max_norm=0.0,
+            bf16=False,
+        )

@@ -140,6 +140,11 @@ class DeepSpeedEngine:
             ) from None
 
         ds_logger.setLevel(logging.WARNING)
+        if any(hasattr(p, "ds_id") for p in model.parameters()):
+            raise ConfigError(
+                "the model was built under deepspeed.zero.Init (partitioned parameters); build it whole and let "
+                "deepspeed.initialize partition it (every rank holds the whole model only until then)"
+            )
         self.device = next(model.parameters()).device
         self.stage = zero_stage
         self.numel = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
