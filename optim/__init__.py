@@ -14,6 +14,7 @@ and param groups with `algorithm="adamw"` are stepped by torch's AdamW inside th
 | Muon | nesterov | True |
 | Muon | ns_steps | 5 |
 | Muon | ns_dtype | bfloat16 |
+| Muon | ns_coefficients | keller (or polar_express) |
 | SWAN | lr | 1e-3 |
 | SWAN | eps | 1e-8 (GradNorm) |
 | SWAN | whitening | coupled (or ns5) |
@@ -28,6 +29,7 @@ and param groups with `algorithm="adamw"` are stepped by torch's AdamW inside th
 | NorMuon | eps | 1e-8 |
 | NorMuon | ns_steps | 5 |
 | NorMuon | ns_dtype | bfloat16 |
+| NorMuon | ns_coefficients | keller (or polar_express) |
 | AuON | lr | 0.24 for variant paper, 0.08 for reference_code |
 | AuON | variant | paper (or reference_code) |
 | AuON | momentum | 0.95 |
@@ -74,6 +76,7 @@ RULE_OPTIONS = {
     "whitening": "whitening",
     "sinkgd_iters": "iters",
     "comm_dtype": "comm_dtype",
+    "ns_coefficients": "ns_coefficients",
 }
 
 

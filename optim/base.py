@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.optim.adamw import adamw as functional_adamw
 
 from optim.health import HealthTracker, StepHealth, shard_groups
-from optim.newton_schulz import newton_schulz5, ns5_flops, orthogonality_error
+from optim.newton_schulz import NS_COEFFICIENTS, newton_schulz5, ns5_flops, orthogonality_error
 from optim.sharded import (
     FlatLayout,
     OwnerExchange,
@@ -357,13 +357,18 @@ class MatrixOptimizer(torch.optim.Optimizer):
         return local(slot.state[key])
 
     def _configure_newton_schulz(
-        self, ns_steps: int, ns_dtype: str | torch.dtype, comm_dtype: str | torch.dtype | None
+        self,
+        ns_steps: int,
+        ns_dtype: str | torch.dtype,
+        comm_dtype: str | torch.dtype | None,
+        ns_coefficients: str = "keller",
     ) -> None:
-        """Optimizer-wide Newton-Schulz settings: steps, compute dtype, and the dtype of row shards on the wire
-        under FSDP2 (None = the compute dtype)."""
+        """Optimizer-wide Newton-Schulz settings: steps, compute dtype, the dtype of row shards on the wire under
+        FSDP2 (None = the compute dtype), and NS5's polynomials (optim.newton_schulz.NS_COEFFICIENTS)."""
         self.ns_steps = ns_steps
         self.ns_dtype = resolve_dtype(ns_dtype, "ns_dtype")
         self.comm_dtype = resolve_dtype(comm_dtype, "comm_dtype") or self.ns_dtype
+        self.ns_coefficients = check_choice(ns_coefficients, NS_COEFFICIENTS, "ns_coefficients")
 
     def _momentum_inputs(self, slots: list[MatrixSlot], nesterov: list[bool]) -> list[Tensor]:
         """M <- mu M + (1 - mu) G (fp32 state, local rows, mu = the group's momentum); the matrix function's
@@ -404,8 +409,9 @@ class MatrixOptimizer(torch.optim.Optimizer):
     ) -> list[Tensor]:
         """fn(X, steps, dtype) on each slot's whole matrix with the optimizer's Newton-Schulz options (see
         _configure_newton_schulz), owner-computed under sharding; this rank's rows of each result."""
+        options = {"coefficients": self.ns_coefficients} if fn is newton_schulz5 else {}
         return apply_to_whole_matrices(
-            partial(fn, steps=self.ns_steps, dtype=self.ns_dtype),
+            partial(fn, steps=self.ns_steps, dtype=self.ns_dtype, **options),
             inputs,
             [s.info for s in slots],
             comm_dtype=self.comm_dtype,

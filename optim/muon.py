@@ -19,6 +19,7 @@ class Muon(MatrixOptimizer):
         lr: 0.02. momentum: mu, 0.95. nesterov: True. weight_decay: 0.0 (decoupled).
         ns_steps: Newton-Schulz iterations, 5. ns_dtype: "bfloat16" ("float32" for exactness).
         comm_dtype: dtype of row shards on the wire under FSDP2; None = ns_dtype (then sharded == unsharded).
+        ns_coefficients: "keller" (Keller Jordan's fixed polynomial) or "polar_express" (per-iteration ones).
     ns_steps, ns_dtype and comm_dtype are optimizer-wide (all matrices are orthogonalized in one batch).
     """
 
@@ -35,8 +36,9 @@ class Muon(MatrixOptimizer):
         ns_steps: int = 5,
         ns_dtype: str | torch.dtype = "bfloat16",
         comm_dtype: str | torch.dtype | None = None,
+        ns_coefficients: str = "keller",
     ) -> None:
-        self._configure_newton_schulz(ns_steps, ns_dtype, comm_dtype)
+        self._configure_newton_schulz(ns_steps, ns_dtype, comm_dtype, ns_coefficients)
         defaults = {"lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay}
         super().__init__(params, defaults)
 

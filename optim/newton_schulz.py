@@ -13,6 +13,34 @@ from torch import Tensor
 NS5_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS5_EPS = 1e-7
 _TINY = 1e-30  # guards divisions by a norm that is exactly zero (an all-zero gradient)
+# Polar Express (Amsel, Persson, Musco, Gower 2025, Algorithm 1): one degree-5 polynomial per iteration, each the
+# minimax-optimal one for the interval of singular values the previous ones leave, so the composition converges to
+# the polar factor (Keller's fixed polynomial plateaus near orth_error 0.3). All but the last are divided by a
+# safety factor 1.01 (a^1, b^3, c^5) for half precision, and the input is normalized by 1.01 |X|_F; iterations
+# past the list repeat its last polynomial.
+POLAR_EXPRESS_COEFFICIENTS = tuple(
+    (a / 1.01, b / 1.01**3, c / 1.01**5)
+    for a, b, c in (
+        (8.28721201814563, -23.595886519098837, 17.300387312530933),
+        (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+        (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+        (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+        (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+        (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+        (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+    )
+) + ((1.875, -1.25, 0.375),)
+NS_COEFFICIENTS = ("keller", "polar_express")
+
+
+def ns5_schedule(coefficients: str, steps: int) -> tuple[list[tuple[float, float, float]], float]:
+    """(the polynomial of each of `steps` iterations, the normalization's factor on |X|_F) of a coefficient set."""
+    if coefficients == "keller":
+        return [NS5_COEFFICIENTS] * steps, 1.0
+    if coefficients == "polar_express":
+        table = POLAR_EXPRESS_COEFFICIENTS
+        return [table[min(k, len(table) - 1)] for k in range(steps)], 1.01
+    raise ValueError(f"ns_coefficients must be one of {', '.join(NS_COEFFICIENTS)}; got {coefficients!r}")
 
 
 def _wide(x: Tensor) -> tuple[Tensor, bool]:
@@ -22,16 +50,19 @@ def _wide(x: Tensor) -> tuple[Tensor, bool]:
     return (x.mT if tall else x), tall
 
 
-def newton_schulz5(g: Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> Tensor:
-    """NS5 (docs/optimizers.md): Frobenius-normalize, then `steps` times X <- aX + (bA + cA^2)X with A = XX^T.
+def newton_schulz5(
+    g: Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16, coefficients: str = "keller"
+) -> Tensor:
+    """NS5 (docs/optimizers.md): Frobenius-normalize, then `steps` times X <- aX + (bA + cA^2)X with A = XX^T, with
+    Keller Jordan's (a, b, c) every iteration (`keller`) or Polar Express's per-iteration ones (`polar_express`).
 
     The operation order (norm in `dtype`, baddbmm for the fused multiply-adds) is Keller Jordan's / torch's
     Muon, so in bf16 our Muon equals torch.optim.Muon. Cost about steps * (4 p^2 q + 2 p^3) FLOPs per matrix.
     """
-    a, b, c = NS5_COEFFICIENTS
+    schedule, margin = ns5_schedule(coefficients, steps)
     x, tall = _wide(g.to(dtype))
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + NS5_EPS)
-    for _ in range(steps):
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) * margin + NS5_EPS)  # (* 1.0 is exact: Keller's unchanged)
+    for a, b, c in schedule:
         gram = x @ x.mT
         poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
         x = torch.baddbmm(x, poly, x, beta=a)

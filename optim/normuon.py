@@ -33,7 +33,8 @@ class NorMuon(MatrixOptimizer):
         momentum: b1, 0.95. beta2: b2, 0.95. eps: 1e-8 (both variants; the released code uses 1e-10).
         weight_decay: 0.0 (decoupled). variant: "paper" (default) | "reference_code".
         ns_steps: 5. ns_dtype: "bfloat16". comm_dtype: wire dtype under FSDP2, None = ns_dtype.
-    variant, ns_steps, ns_dtype and comm_dtype are optimizer-wide.
+        ns_coefficients: "keller" (default) | "polar_express" (optim.newton_schulz).
+    variant, ns_steps, ns_dtype, comm_dtype and ns_coefficients are optimizer-wide.
     """
 
     algorithm = "normuon"
@@ -51,9 +52,10 @@ class NorMuon(MatrixOptimizer):
         ns_steps: int = 5,
         ns_dtype: str | torch.dtype = "bfloat16",
         comm_dtype: str | torch.dtype | None = None,
+        ns_coefficients: str = "keller",
     ) -> None:
         self.variant = check_choice(variant, VARIANTS, "NorMuon variant")
-        self._configure_newton_schulz(ns_steps, ns_dtype, comm_dtype)
+        self._configure_newton_schulz(ns_steps, ns_dtype, comm_dtype, ns_coefficients)
         defaults = {
             "lr": DEFAULT_LR[variant] if lr is None else lr,
             "momentum": momentum,

@@ -125,6 +125,8 @@ class OptimConfig:
     nesterov: bool | None = None
     ns_steps: int | None = None
     ns_dtype: str | None = checked(None, one_of("bfloat16", "float32"))
+    # NS5's polynomials (muon, normuon): None = keller (Keller Jordan's fixed one) | polar_express (per iteration)
+    ns_coefficients: str | None = checked(None, one_of("keller", "polar_express"))
     variant: str | None = None
     whitening: str | None = None
     sinkgd_iters: int | None = None

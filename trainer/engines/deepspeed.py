@@ -37,6 +37,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from models import causal_lm_loss
+from optim import route_parameters
 from optim.base import MatrixOptimizer
 from optim.health import HealthReport, adamw_update_sums, health_numbers, track_health
 from optim.sharded import FlatLayout
@@ -112,8 +113,12 @@ def check_whole_matrices(
                 f"DeepSpeed handed {type(optimizer).__name__} a tensor of shape {tuple(p.shape)} that is neither one "
                 f"of the model's 2-D weights nor a flat partition with a layout; a matrix rule never runs on it"
             )
-    if len(laid_out) != len(set(laid_out)) or not set(laid_out) <= own:
-        raise ConfigError("DeepSpeed's partitions hold a matrix twice, or one that is not the model's")
+    if layouts and (
+        len(laid_out) != len(set(laid_out)) or set(laid_out) != {id(p) for p in route_parameters(model)[0]}
+    ):
+        raise ConfigError(
+            "DeepSpeed's partitions of the matrix-rule groups do not hold each of the model's hidden matrices once"
+        )
 
 
 class DeepSpeedEngine:
