@@ -1,5 +1,8 @@
 """Training throughput of one config for every optimizer against AdamW: tokens/s, step time and MFU as the trainer
-itself measures and logs them (one launch/pretrain.py run per optimizer, one at a time, fresh run directories).
+itself measures and logs them (one launch/pretrain.py run per optimizer, one at a time, fresh run directories),
+at each world size of --nproc. Beside them the optimizer step's share of the step and the part of it spent
+waiting for the owner exchange's transfers (exposed communication), both of the slowest rank on logging steps
+(optim/step_s, optim/exposed_comm_s).
 
 The first logged window of each run (start-up, allocator and kernel warm-up) is left out; the median of the rest,
 over --repeats rounds, is reported.
@@ -8,6 +11,8 @@ MFU needs the device's peak FLOP/s: known GPUs are detected by the trainer, else
 
     python benchmarks/throughput.py                                  # configs/tiny_*.yaml on this machine
     python benchmarks/throughput.py --configs llama350m --steps 60 --nproc 8 --data.source=/data/c4_sample.jsonl
+    python benchmarks/throughput.py --nproc 1,2,4 --threads 1 --steps 6 --log-every 2 --model.name=llama_60m \
+        --train.global_batch_size=16 --train.micro_batch_size=4 --train.seq_len=256   # the issue's CPU table
 
 Any `--section.key=value` argument is passed to every run as a trainer config override.
 """
@@ -25,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from benchmarks.trainer_runs import EXIT_OK, TrainerRun, launch, read_records, series  # noqa: E402
 from trainer.config import CHOICES, ConfigError, parse_overrides  # noqa: E402
+from trainer.resolve import resolve  # noqa: E402
 
 OPTIMIZERS = CHOICES["optim.name"]  # every optimizer the trainer knows, AdamW first
 
@@ -33,12 +39,16 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma-separated; adamw first")
+    parser.add_argument(
+        "--optimizers",
+        default=",".join(OPTIMIZERS),
+        help="comma-separated, adamw first; NAME:section.key=value[:...] is a variant of NAME with those overrides",
+    )
     parser.add_argument("--configs", default="tiny", help="configs/<CONFIGS>_<optimizer>.yaml")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--log-every", type=int, default=10, help="steps per timing window")
     parser.add_argument("--repeats", type=int, default=1, help="rounds over all optimizers (noisy machines)")
-    parser.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun when > 1)")
+    parser.add_argument("--nproc", default="1", help="processes per run, comma-separated (torchrun when > 1)")
     parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS per process; 0 = inherit")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/throughput"))
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
@@ -50,6 +60,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     if args.steps < 2 * args.log_every:
         parser.error("--steps must cover at least two --log-every windows (the first is warm-up)")
     args.runs_dir = args.runs_dir.resolve()
+    args.worlds = [int(n) for n in args.nproc.split(",")]
     return args, overrides
 
 
@@ -60,23 +71,36 @@ class Windows:
     tokens_per_step: int = 0
     rates: list[float] = field(default_factory=list)  # tokens/s
     mfus: list[float] = field(default_factory=list)
+    optimizer_s: list[float] = field(default_factory=list)  # the optimizer step (slowest rank)
+    comm_s: list[float] = field(default_factory=list)  # its exposed communication (slowest rank)
     failed: bool = False
 
     def summary(self) -> dict[str, float] | None:
         if self.failed or not self.rates:
             return None
         tok_s = statistics.median(self.rates)
+        median = lambda xs: statistics.median(xs) if xs else float("nan")  # noqa: E731
         return {
             "tokens_per_s": tok_s,
             "step_ms": 1e3 * self.tokens_per_step / tok_s,
-            "mfu": statistics.median(self.mfus) if self.mfus else float("nan"),
+            "mfu": median(self.mfus),
+            "optimizer_ms": 1e3 * median(self.optimizer_s),
+            "comm_ms": 1e3 * median(self.comm_s),
         }
 
 
-def measure(name: str, args: argparse.Namespace, overrides: list[str], into: Windows) -> None:
-    """One fresh run of an optimizer; its windows after the warm-up one are added to `into`."""
+def variant(name: str) -> tuple[str, list[str]]:
+    """'muon:optim.overlap_buckets=1' -> ('muon', ['--optim.overlap_buckets=1'])."""
+    optimizer, *extra = name.split(":")
+    return optimizer, [f"--{item}" for item in extra]
+
+
+def measure(name: str, world: int, args: argparse.Namespace, overrides: list[str], into: Windows) -> None:
+    """One fresh run of an optimizer (or variant) at `world` processes; its windows after the warm-up one go to
+    `into`."""
+    optimizer, extra = variant(name)
     run = TrainerRun(
-        f"{args.configs}_{name}",
+        f"{args.configs}_{optimizer}",
         (
             f"--train.steps={args.steps}",
             f"--metrics.log_every={args.log_every}",
@@ -84,13 +108,14 @@ def measure(name: str, args: argparse.Namespace, overrides: list[str], into: Win
             "--checkpoint.every=0",
             "--metrics.tensorboard=false",
             f"--train.runs_dir={args.runs_dir}",
-            f"--train.run_name={name}",
+            f"--train.run_name={name.replace(':', '_').replace('=', '')}_w{world}",
             *overrides,
+            *extra,
         ),
     )
     cfg = run.resolved()
     shutil.rmtree(cfg.run_dir, ignore_errors=True)  # a fresh run: a resumed one would time only its tail
-    code = launch(run, cfg.run_dir / "train.log", nproc=args.nproc, threads=args.threads or None)
+    code = launch(run, cfg.run_dir / "train.log", nproc=world, threads=args.threads or None)
     if code != EXIT_OK:
         print(f"{name}: failed (exit {code}); see {cfg.run_dir / 'train.log'}", file=sys.stderr)
         into.failed = True
@@ -99,37 +124,54 @@ def measure(name: str, args: argparse.Namespace, overrides: list[str], into: Win
     into.tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
     into.rates += [v for _, v in series(records, "tokens_per_s")[1:]]
     into.mfus += [v for _, v in series(records, "mfu")[1:]]
+    into.optimizer_s += [v for _, v in series(records, "optim/step_s")[1:]]
+    into.comm_s += [v for _, v in series(records, "optim/exposed_comm_s")[1:]]
 
 
-def table(results: dict[str, dict[str, float] | None]) -> str:
+def table(results: dict[str, dict[str, float] | None], world: int) -> str:
     base = results.get("adamw")
-    lines = ["| optimizer | tokens/s | vs AdamW | step time | MFU |", "| --- | --- | --- | --- | --- |"]
+    lines = [
+        f"world size {world}:",
+        "",
+        "| optimizer | tokens/s | step time | x AdamW | optimizer step | its share | exposed comm | of the step "
+        "| MFU |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for name, r in results.items():
         if r is None:
-            lines.append(f"| {name} | failed | — | — | — |")
+            lines.append(f"| {name} | failed | — | — | — | — | — | — | — |")
             continue
-        ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "—"
+        ratio = f"{r['step_ms'] / base['step_ms']:.2f}x" if base else "—"
         mfu = f"{r['mfu']:.1%}" if r["mfu"] == r["mfu"] else "n/a"
-        lines.append(f"| {name} | {r['tokens_per_s']:,.0f} | {ratio} | {r['step_ms']:.1f} ms | {mfu} |")
+        share = r["optimizer_ms"] / r["step_ms"]
+        comm = r["comm_ms"] / r["optimizer_ms"] if r["optimizer_ms"] else float("nan")
+        lines.append(
+            f"| {name} | {r['tokens_per_s']:,.0f} | {r['step_ms']:.0f} ms | {ratio} | {r['optimizer_ms']:.0f} ms "
+            f"| {share:.1%} | {r['comm_ms']:.0f} ms | {comm:.0%} | {mfu} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     names = args.optimizers.split(",")
-    windows = {name: Windows() for name in names}
+    windows = {(world, name): Windows() for world in args.worlds for name in names}
     try:
         for name in names:  # every config resolves before the first run
-            TrainerRun(f"{args.configs}_{name}", tuple(overrides)).resolved()
+            optimizer, extra = variant(name)
+            cfg = TrainerRun(f"{args.configs}_{optimizer}", (*overrides, *extra)).resolved()
+            for world in args.worlds:  # the batch must divide at every world size
+                resolve(cfg, world, "cuda" if cfg.parallel.device == "cuda" else "cpu")
         for round_ in range(args.repeats):  # alternate the order so a drifting machine load hits all alike
-            for name in names if round_ % 2 == 0 else names[::-1]:
-                measure(name, args, overrides, windows[name])
-                print(f"round {round_ + 1}/{args.repeats}: {name} measured", flush=True)
+            for world in args.worlds:
+                for name in names if round_ % 2 == 0 else names[::-1]:
+                    measure(name, world, args, overrides, windows[world, name])
+                    print(f"round {round_ + 1}/{args.repeats}: {name} at {world} measured", flush=True)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    results = {name: w.summary() for name, w in windows.items()}
-    text = table(results)
+    results = {key: w.summary() for key, w in windows.items()}
+    text = "\n\n".join(table({name: results[world, name] for name in names}, world) for world in args.worlds)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

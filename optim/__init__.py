@@ -145,7 +145,9 @@ def build_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
                 "weight_decay": rest_wd,
             }
         )
-    return cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
+    optimizer = cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
+    optimizer.overlap_buckets = getattr(cfg, "overlap_buckets", optimizer.overlap_buckets)
+    return optimizer
 
 
 __all__ = [

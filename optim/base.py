@@ -24,6 +24,7 @@ from torch.optim.adamw import adamw as functional_adamw
 from optim.health import HealthTracker, StepHealth, shard_groups
 from optim.newton_schulz import NS_COEFFICIENTS, newton_schulz5, ns5_flops, orthogonality_error
 from optim.sharded import (
+    OVERLAP_BUCKETS,
     FlatLayout,
     OwnerExchange,
     ShardInfo,
@@ -129,6 +130,9 @@ class MatrixOptimizer(torch.optim.Optimizer):
     # temporaries (normalized / whitened copies, Newton-Schulz inputs) exist for one chunk at a time instead of for
     # every matrix of the model at once. Each matrix's math is independent, so chunking changes no number.
     max_step_bytes: int = 64 * 2**20
+    # Rounds of the owner exchange (optim.sharded.apply_to_whole_matrices): a round's transfers overlap the next
+    # round's compute. Every number is the same whatever the count.
+    overlap_buckets: int = OVERLAP_BUCKETS
 
     def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
         self._tracker: HealthTracker | None = None
@@ -417,6 +421,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
             comm_dtype=self.comm_dtype,
             probe=self._orth_probe(),
             cost=partial(cost, steps=self.ns_steps),
+            buckets=self.overlap_buckets,
         )
 
     def _orth_probe(self) -> Callable[[Tensor], None] | None:

@@ -28,8 +28,12 @@ local row blocks (`local`), plus:
 
 from __future__ import annotations
 
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -204,15 +208,50 @@ def _flat(pieces: Sequence[Tensor], dtype: torch.dtype, device: torch.device) ->
     return torch.cat([piece.reshape(-1).to(dtype) for piece in pieces])
 
 
-def _all_to_all(chunks: list[Tensor], recv_sizes: list[int], group: dist.ProcessGroup | None) -> list[Tensor]:
-    """Send chunks[d] to rank d of `group`; receive recv_sizes[r] elements from each rank r (uneven is fine).
+def _all_to_all(chunks: list[Tensor], recv_sizes: list[int], group: dist.ProcessGroup | None) -> _Pending:
+    """Start sending chunks[d] to rank d of `group` and receiving recv_sizes[r] elements from each rank r (uneven
+    is fine); the transfer runs while the caller computes, and `_Pending.wait()` returns the received pieces.
     group None: a shard group of one (HSDP replicas of unsharded matrices), the chunk stays here."""
     if group is None:
-        return chunks
+        return _Pending(None, chunks, [])
     send = torch.cat(chunks)
     recv = send.new_empty(sum(recv_sizes))
-    dist.all_to_all_single(recv, send, recv_sizes, [c.numel() for c in chunks], group=group)
-    return list(recv.split(recv_sizes))
+    work = dist.all_to_all_single(
+        recv, send, recv_sizes, [c.numel() for c in chunks], group=group, async_op=True
+    )
+    return _Pending(work, list(recv.split(recv_sizes)), [send])
+
+
+@dataclass
+class _Pending:
+    """An all-to-all in flight: its handle, the buffers it fills, and what it sends (kept alive until done)."""
+
+    work: Any
+    received: list[Tensor]
+    sending: list[Tensor]
+
+    def wait(self) -> list[Tensor]:
+        """The received pieces, once the transfer is done; the time spent waiting is exposed communication."""
+        if self.work is not None:
+            start = time.perf_counter()
+            self.work.wait()
+            EXPOSED_COMM.seconds += time.perf_counter() - start
+        return self.received
+
+
+@dataclass
+class ExposedComm:
+    """Seconds this process spent waiting for the owner exchange's all-to-alls (transfers not hidden behind
+    compute), accumulated since the last `take()`; the trainer reports them per logging window."""
+
+    seconds: float = 0.0
+
+    def take(self) -> float:
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
+EXPOSED_COMM = ExposedComm()
 
 
 def _batched(fn: Callable[[Tensor], Tensor], wholes: dict[int, Tensor]) -> dict[int, Tensor]:
@@ -229,15 +268,44 @@ def _batched(fn: Callable[[Tensor], Tensor], wholes: dict[int, Tensor]) -> dict[
 class _Exchange:
     """The owner-computes plan of one bucket of matrices (same shard and replicate groups) on this rank."""
 
-    def __init__(self, infos: Sequence[ShardInfo], idx: list[int], cost: Callable[[int, int], float]) -> None:
-        self.infos, self.me = infos, infos[idx[0]]
-        owners = assign_owners([infos[i].shape for i in idx], self.me.slots, cost)
-        world = self.me.world
+    def __init__(self, infos: Sequence[ShardInfo], by_slot: list[list[list[int]]]) -> None:
+        first = next(i for replica in by_slot for owned in replica for i in owned)
+        self.infos, self.me = infos, infos[first]
         # by_slot[replica][rank]: the matrices that slot owns, in list order
-        self.by_slot: list[list[list[int]]] = [[[] for _ in range(world)] for _ in range(self.me.replicas)]
-        for i, owner in zip(idx, owners, strict=True):
-            self.by_slot[owner // world][owner % world].append(i)
+        self.by_slot = by_slot
         self.here = self.by_slot[self.me.replica]  # this replica's matrices, by owner rank
+
+    @classmethod
+    def plan(cls, infos: Sequence[ShardInfo], idx: list[int], cost: Callable[[int, int], float]) -> _Exchange:
+        """Owners for the matrices `idx` (assign_owners over their slots), from the shapes alone."""
+        me = infos[idx[0]]
+        owners = assign_owners([infos[i].shape for i in idx], me.slots, cost)
+        by_slot: list[list[list[int]]] = [[[] for _ in range(me.world)] for _ in range(me.replicas)]
+        for i, owner in zip(idx, owners, strict=True):
+            by_slot[owner // me.world][owner % me.world].append(i)
+        return cls(infos, by_slot)
+
+    def buckets(self, count: int) -> list[_Exchange]:
+        """The plan cut into at most `count` rounds with the same owners. A slot's matrices of one shape stay in
+        one round (they are one batched call, and a batch computes each matrix to the same bits only at the same
+        batch size); round b takes every slot's shape groups b, b + count, ... (most expensive first), so each
+        rank computes in every round it can. Every rank cuts the same rounds."""
+
+        def shape_groups(owned: list[int]) -> list[list[int]]:
+            groups: dict[tuple[int, ...], list[int]] = {}
+            for i in owned:
+                groups.setdefault(tuple(self.infos[i].shape), []).append(i)
+            return list(groups.values())
+
+        grouped = [[shape_groups(owned) for owned in replica] for replica in self.by_slot]
+        rounds = []
+        for b in range(count):
+            by_slot = [
+                [[i for g in groups[b::count] for i in g] for groups in replica] for replica in grouped
+            ]
+            if any(owned for replica in by_slot for owned in replica):
+                rounds.append(_Exchange(self.infos, by_slot))
+        return rounds
 
     def _size(self, i: int, rank: int) -> int:
         """Elements of matrix i's block on `rank` of the shard group."""
@@ -248,12 +316,20 @@ class _Exchange:
     ) -> dict[int, Tensor]:
         """All-to-all 1: the whole matrices this rank owns, assembled from every rank's block (row blocks and
         element ranges alike are contiguous pieces of the flattened matrix, in rank order)."""
+        return self.assemble(self.send_to_owners(blocks, dtype, device))
+
+    def send_to_owners(self, blocks: Sequence[Tensor], dtype: torch.dtype, device: torch.device) -> _Pending:
+        """Start all-to-all 1 (see to_owners); `assemble` finishes it."""
         me, mine = self.me, self.here[self.me.rank]
         chunks = [_flat([blocks[i] for i in owned], dtype, device) for owned in self.here]
         sizes = [sum(self._size(i, src) for i in mine) for src in range(me.world)]
+        return _all_to_all(chunks, sizes, me.group)
+
+    def assemble(self, pending: _Pending) -> dict[int, Tensor]:
+        """The whole matrices of a finished all-to-all 1."""
+        me, mine = self.me, self.here[self.me.rank]
         received = [
-            piece.split([self._size(i, src) for i in mine])
-            for src, piece in enumerate(_all_to_all(chunks, sizes, me.group))
+            piece.split([self._size(i, src) for i in mine]) for src, piece in enumerate(pending.wait())
         ]
         return {
             i: torch.cat([received[src][k] for src in range(me.world)]).view(self.infos[i].shape)
@@ -264,14 +340,22 @@ class _Exchange:
         self, results: dict[int, Tensor], dtype: torch.dtype, device: torch.device
     ) -> dict[int, Tensor]:
         """All-to-all 2: this rank's block of the result of every matrix this replica computed."""
+        return self.parse_rows(self.send_to_rows(results, dtype, device))
+
+    def send_to_rows(self, results: dict[int, Tensor], dtype: torch.dtype, device: torch.device) -> _Pending:
+        """Start all-to-all 2 (see to_rows); `parse_rows` finishes it."""
         me, mine = self.me, self.here[self.me.rank]
         chunks = [
             _flat([results[i].reshape(-1)[self.infos[i].elements_of(dst)] for i in mine], dtype, device)
             for dst in range(me.world)
         ]
         sizes = [sum(self._size(i, me.rank) for i in owned) for owned in self.here]
+        return _all_to_all(chunks, sizes, me.group)
+
+    def parse_rows(self, pending: _Pending) -> dict[int, Tensor]:
+        """This rank's blocks of the results of a finished all-to-all 2."""
         rows: dict[int, Tensor] = {}
-        for owned, piece in zip(self.here, _all_to_all(chunks, sizes, me.group), strict=True):
+        for owned, piece in zip(self.here, pending.wait(), strict=True):
             rows.update(self._parse(owned, piece))
         return rows
 
@@ -360,12 +444,62 @@ class OwnerExchange(_Exchange):
     def __init__(self, infos: Sequence[ShardInfo], cost: Callable[[int, int], float] = ns5_flops) -> None:
         if len(_by_group(infos)) != 1 or infos[0].replicas != 1:
             raise ValueError("an owner exchange needs matrices of one shard group without replicas")
-        super().__init__(infos, list(range(len(infos))), cost)
+        super().__init__(infos, _Exchange.plan(infos, list(range(len(infos))), cost).by_slot)
 
     @property
     def owned(self) -> list[int]:
         """The matrices this rank computes."""
         return self.here[self.me.rank]
+
+
+OVERLAP_BUCKETS = 4  # default rounds of the owner exchange (apply_to_whole_matrices)
+_PLANS: OrderedDict[tuple, _Exchange] = OrderedDict()  # the last plans made, by matrices and cost
+_PLANS_KEPT = 32
+
+
+def _cost_key(cost: Callable[[int, int], float]) -> tuple:
+    """A cost function by value (the optimizers pass a fresh functools.partial every step)."""
+    if isinstance(cost, partial):
+        return (cost.func, cost.args, tuple(sorted(cost.keywords.items())))
+    return (cost,)
+
+
+def _planned(infos: Sequence[ShardInfo], idx: list[int], cost: Callable[[int, int], float]) -> _Exchange:
+    """The owner plan of the matrices `idx`, made once and reused while the same matrices (shapes, shard
+    groups) and cost come back, i.e. every step of a run."""
+    key = (tuple(idx), tuple(infos[i] for i in idx), _cost_key(cost))
+    plan = _PLANS.pop(key, None) or _Exchange.plan(infos, idx, cost)
+    _PLANS[key] = plan
+    while len(_PLANS) > _PLANS_KEPT:
+        _PLANS.popitem(last=False)
+    return plan
+
+
+def _pipelined(
+    fn: Callable[[Tensor], Tensor],
+    plan: _Exchange,
+    blocks: Sequence[Tensor],
+    dtype: torch.dtype,
+    device: torch.device,
+    buckets: int,
+    computed: dict[int, Tensor],
+) -> dict[int, Tensor]:
+    """This rank's rows of every result of `plan`, round by round: round k+1's blocks travel to their owners while
+    round k is computed, and round k's results travel back while round k+1 is computed. `computed` gets the
+    whole results this rank computed."""
+    rounds = plan.buckets(buckets)
+    incoming = [rounds[0].send_to_owners(blocks, dtype, device)]
+    outgoing = []
+    for k, exchange in enumerate(rounds):
+        if k + 1 < len(rounds):
+            incoming.append(rounds[k + 1].send_to_owners(blocks, dtype, device))
+        results = _batched(fn, exchange.assemble(incoming[k]))
+        computed.update(results)
+        outgoing.append(exchange.send_to_rows(results, dtype, device))
+    rows: dict[int, Tensor] = {}
+    for exchange, pending in zip(rounds, outgoing, strict=True):
+        rows.update(exchange.parse_rows(pending))
+    return rows
 
 
 def apply_to_whole_matrices(
@@ -376,6 +510,7 @@ def apply_to_whole_matrices(
     comm_dtype: torch.dtype | None = None,
     probe: Callable[[Tensor], None] | None = None,
     cost: Callable[[int, int], float] = ns5_flops,
+    buckets: int = OVERLAP_BUCKETS,
 ) -> list[Tensor]:
     """Apply a whole-matrix function to sharded matrices and return this rank's rows of each result.
 
@@ -386,6 +521,8 @@ def apply_to_whole_matrices(
     probe: called with the first matrix's whole result on exactly one rank of the job (its owner), e.g. to
         measure its orthogonality; every other rank must contribute zero to any sum of it.
     cost: the per-matrix cost (m, n) the owners are balanced on; NS5's FLOPs by default.
+    buckets: rounds the exchange is cut into, so that the transfers of one round overlap the compute of the
+        next (`_pipelined`); 1 = one all-to-all each way. Every number is the same whatever the count.
     Results come back in the dtype of the corresponding block.
     """
     rows: dict[int, Tensor] = {}
@@ -399,10 +536,8 @@ def apply_to_whole_matrices(
             continue
         dtype = comm_dtype or blocks[idx[0]].dtype
         device = blocks[idx[0]].device
-        plan = _Exchange(infos, idx, cost)
-        results = _batched(fn, plan.to_owners(blocks, dtype, device))
-        computed.update(results)
-        rows.update(plan.to_rows(results, dtype, device))
+        plan = _planned(infos, idx, cost)
+        rows.update(_pipelined(fn, plan, blocks, dtype, device, buckets, computed))
         if me.replicas > 1:
             plan.across_replicas(rows, dtype, device)
     if probe is not None and 0 in computed:

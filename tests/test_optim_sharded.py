@@ -72,3 +72,64 @@ def test_unsharded_path_is_fn_on_the_matrices_without_a_wire_cast():
         torch.testing.assert_close(result, newton_schulz5(block, dtype=torch.float32), rtol=1e-6, atol=1e-7)
         assert result.dtype == torch.float32
     assert len(probed) == 1 and torch.equal(probed[0], out[0])
+
+
+SHAPES = [(13, 7), (13, 7), (21, 13), (1, 5), (21, 13), (7, 21), (13, 7), (5, 5), (21, 13)]
+
+
+def _exchange_paths() -> dict[str, list[torch.Tensor]]:
+    """apply_to_whole_matrices on this rank's row blocks and on element-range pieces (ZeRO-style bounds), each
+    with the exchange in one round and in 1..5 overlapped rounds, plus the whole matrices computed here."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    group = dist.group.WORLD
+    wholes = [
+        torch.randn(shape, generator=torch.Generator().manual_seed(i)) for i, shape in enumerate(SHAPES)
+    ]
+    fn = lambda batch: newton_schulz5(batch, dtype=torch.float32)  # noqa: E731
+    rows = [ShardInfo(w.shape, group, rank, world) for w in wholes]
+    row_blocks = [w[info.row_slice(rank)] for w, info in zip(wholes, rows, strict=True)]
+    out = {"whole": [fn(w[None])[0] for w in wholes]}
+    for buckets in (1, 2, 5):
+        out[f"rows_{buckets}"] = apply_to_whole_matrices(fn, row_blocks, rows, buckets=buckets)
+    # element ranges cut at offsets unrelated to rows (a ZeRO-1/2 partition boundary may fall anywhere)
+    ranges = []
+    for w in wholes:
+        cuts = sorted(
+            int(c)
+            for c in torch.randint(
+                0, w.numel() + 1, (world - 1,), generator=torch.Generator().manual_seed(w.numel())
+            )
+        )
+        ranges.append(ShardInfo(w.shape, group, rank, world, bounds=(0, *cuts, w.numel())))
+    pieces = [w.reshape(-1)[info.elements_of(rank)] for w, info in zip(wholes, ranges, strict=True)]
+    for buckets in (1, 3):
+        out[f"elements_{buckets}"] = apply_to_whole_matrices(fn, pieces, ranges, buckets=buckets)
+    out["row_blocks"] = row_blocks
+    out["pieces"] = pieces
+    out["rank"] = [torch.tensor(rank)]
+    return out if rank == world - 1 else out  # every rank returns; run_distributed keeps rank 0's
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3])
+def test_overlapped_rounds_and_element_ranges_give_the_same_bits(world) -> None:
+    from tests.distributed import run_distributed
+
+    out = run_distributed(_exchange_paths, world)
+    whole = out["whole"]
+    for key in ("rows_1", "rows_2", "rows_5"):  # rank 0's row blocks, identical whatever the rounds
+        for got, ref in zip(out[key], out["rows_1"], strict=True):
+            assert torch.equal(got, ref), key
+    for key in ("elements_1", "elements_3"):
+        for got, ref in zip(out[key], out["elements_1"], strict=True):
+            assert torch.equal(got, ref), key
+    rows = [ShardInfo(torch.Size(s), None, 0, world) for s in SHAPES]
+    for got, w, info in zip(out["rows_1"], whole, rows, strict=True):
+        torch.testing.assert_close(
+            got, w[info.row_slice(0)], rtol=1e-6, atol=1e-6
+        )  # = the whole result's rows
+    for got, w, piece in zip(out["elements_1"], whole, out["pieces"], strict=True):
+        assert got.shape == piece.shape and got.ndim == 1
+        torch.testing.assert_close(got, w.reshape(-1)[: got.numel()], rtol=1e-6, atol=1e-6)  # rank 0: from 0

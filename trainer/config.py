@@ -132,6 +132,9 @@ class OptimConfig:
     sinkgd_iters: int | None = None
     # dtype of row shards sent to Newton-Schulz owners; None = ns_dtype
     comm_dtype: str | None = checked(None, one_of("bfloat16", "float32"))
+    # rounds the owner exchange is cut into, each round's transfers overlapping the next one's compute; 1 = one
+    # all-to-all each way (the numbers are the same bits either way)
+    overlap_buckets: int = checked(4, positive)
     # Apply each parameter's update during backward as soon as its gradient is complete and free the gradient
     # (trainer/engines/backward_update.py); needs no accumulation, grad_clip 0 and on_nonfinite stop.
     update_in_backward: bool = False

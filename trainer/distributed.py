@@ -106,6 +106,14 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
+    """Elementwise max of a small tensor over all ranks (the slowest rank's timings)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
+
+
 def shutdown() -> None:
     """Tear the process group down in step with the other ranks, while the interpreter is fully alive.
 

@@ -8,6 +8,9 @@ checkpoint; only then is anything written. Then: step, log on log steps, evaluat
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,10 +19,11 @@ import torch
 from torch import nn
 
 from models import Llama, causal_lm_loss, flops_per_token, num_params
+from optim.sharded import EXPOSED_COMM
 from trainer.checkpoint import Checkpointer, latest_checkpoint, restore_rng, rng_states
 from trainer.config import Config, ConfigError, save_config
 from trainer.data import Data, HeldOutSet, TrainStream, build_data, save_tokenizer
-from trainer.distributed import DistInfo, all_reduce_mean
+from trainer.distributed import DistInfo, all_reduce_max, all_reduce_mean
 from trainer.engines import Engine, build_engine
 from trainer.memory.preflight import check_memory_fits
 from trainer.memory.tracker import MemoryTracker
@@ -109,7 +113,8 @@ def train(cfg: Config, dist_info: DistInfo) -> dict[str, Any]:
             batch = state.stream.next_batch().to(device)
             loss = all_reduce_mean(engine.forward_backward(list(batch.split(run.batches.micro)))).item()
             norm = engine.grad_norm().item()
-            finite = take_or_skip_step(engine, state, loss, norm, run, checkpointer, log)
+            with timed(device, logging) as times:
+                finite = take_or_skip_step(engine, state, loss, norm, run, checkpointer, log)
         state.step += 1
         if not finite:
             continue
@@ -118,8 +123,9 @@ def train(cfg: Config, dist_info: DistInfo) -> dict[str, Any]:
         log.count(run.tokens_per_step)
         if logging:
             log_step(
-                log, run, state, device, loss, norm, base_lrs[0] * mult, health.report(), memory.metrics()
-            )
+                log, run, state, device, loss, norm, base_lrs[0] * mult,
+                {**health.report(), **times}, memory.metrics(),
+            )  # fmt: skip
         if (t.eval_every and state.step % t.eval_every == 0) or state.step == t.steps:
             eval_loss = evaluate(engine.model, data.held_out, run.batches.micro, device)
             log.log(state.step, {"eval/loss": eval_loss})
@@ -198,6 +204,29 @@ def start_run_dir(
     return log
 
 
+@contextmanager
+def timed(device: torch.device, enabled: bool) -> Iterator[dict[str, float]]:
+    """On logging steps, the optimizer step's wall time and the time its owner exchange spent waiting for
+    transfers (exposed communication), of the slowest rank: optim/step_s, optim/exposed_comm_s (CUDA: synchronized
+    around the step, so the step's kernels are counted; the exposed part is host time, which NCCL's stream-ordered
+    waits do not show). A collective on logging steps; nothing otherwise."""
+    times: dict[str, float] = {}
+    if not enabled:
+        yield times
+        return
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    EXPOSED_COMM.take()
+    start = time.perf_counter()
+    yield times
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    measured = torch.tensor(
+        [time.perf_counter() - start, EXPOSED_COMM.take()], dtype=torch.float64, device=device
+    )
+    times["step_s"], times["exposed_comm_s"] = all_reduce_max(measured).tolist()
+
+
 def take_or_skip_step(
     engine: Engine,
     state: TrainState,
@@ -239,7 +268,8 @@ def log_step(
     health: dict[str, float],
     memory: dict[str, float],
 ) -> None:
-    """One log step's numbers: loss, lr, grad norm, throughput (and MFU on known GPUs), optimizer health, memory."""
+    """One log step's numbers: loss, lr, grad norm, throughput (and MFU on known GPUs), optimizer health and
+    step times (optim/*), memory."""
     tok_s = log.throughput(device)
     values = {
         "loss": loss,
