@@ -4,8 +4,11 @@ The matrices (q, k, v, o: dim x dim; gate, up: ffn x dim; down: dim x ffn) get r
 steps the same tensors. Timing: warmup steps, then rounds in which every optimizer takes one step in a fresh
 random order (interleaving spreads a noisy machine's slow moments over all of them); the median per optimizer.
 Beside it, the FLOPs of one step from docs/optimizers.md: the matrix products exactly (NS5: ns_steps (4 p^2 q + 2 p^3) per
-matrix, i.e. 20 p^2 q + 10 p^3 for 5 steps; SWAN's coupled iteration: 4 p^2 q + 6 ns_steps p^3), and the
-elementwise work as an estimate (c FLOPs per element, c counted from each rule's operations).
+matrix, i.e. 20 p^2 q + 10 p^3 for 5 steps; SWAN's coupled iteration: 4 p^2 q + 6 ns_steps p^3, for
+coupled_adaptive with the iterations it runs on these gradients), the elementwise work as an estimate (c FLOPs
+per element, c counted from each rule's operations), and for the whole-matrix rules the mean orthogonality error
+|O O^T - I|_F / sqrt(p) of their direction on these gradients (SWAN's GradNorm'ed ones have an exact zero singular
+value for square and tall matrices, which floors it at 1/sqrt(p), 0.031 for p = 1024).
 
     python benchmarks/optimizer_step.py [--device cuda] [--ns-dtype float32] [--repeats 10]
 """
@@ -26,7 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from models import model_config  # noqa: E402
 from optim import SWAN, AuON, HybridAuON, Muon, NorMuon, SinkGD  # noqa: E402
-from optim.newton_schulz import coupled_flops, ns5_flops  # noqa: E402
+from optim.newton_schulz import (  # noqa: E402
+    coupled_adaptive,
+    coupled_flops,
+    coupled_inverse_sqrt_polar,
+    newton_schulz5,
+    ns5_flops,
+    orthogonality_error,
+)
 
 # Estimated elementwise FLOPs per matrix element of one step (momentum lerps, normalizations, the update).
 ELEMENTWISE = {"adamw": 12, "muon": 8, "swan": 8, "sinkgd": 32, "normuon": 13, "auon": 15, "hybrid_auon": 12}
@@ -46,11 +56,47 @@ def optimizers(ns_dtype: str | None) -> dict[str, tuple[Callable, Callable[[int,
         "muon": (lambda p: Muon(p, **ns), lambda m, n: ns5_flops(m, n, 5)),
         "swan": (lambda p: SWAN(p, **ns), lambda m, n: coupled_flops(m, n, 10)),
         "swan_ns5": (lambda p: SWAN(p, whitening="ns5", **ns), lambda m, n: ns5_flops(m, n, 5)),
+        "swan_adaptive": (lambda p: SWAN(p, whitening="coupled_adaptive", **ns), adaptive_flops),
         "sinkgd": (lambda p: SinkGD(p), lambda m, n: 0.0),
         "normuon": (lambda p: NorMuon(p, **ns), lambda m, n: ns5_flops(m, n, 5)),
+        "muon_polar": (
+            lambda p: Muon(p, ns_coefficients="polar_express", **ns),
+            lambda m, n: ns5_flops(m, n, 5),
+        ),
         "auon": (lambda p: AuON(p), lambda m, n: 0.0),
         "hybrid_auon": (lambda p: HybridAuON(p, **ns), lambda m, n: ns5_flops(m, n, 1)),
     }
+
+
+def adaptive_flops(m: int, n: int) -> float:
+    """coupled_adaptive's FLOPs on one GradNorm'ed random (m, n) gradient: the iterations it runs there."""
+    ran: list[int] = []
+    coupled_adaptive(grad_norm(torch.randn(m, n, generator=torch.Generator().manual_seed(m * n))), ran=ran)
+    return coupled_flops(m, n, ran[0])
+
+
+def grad_norm(g: torch.Tensor) -> torch.Tensor:
+    """SWAN's GradNorm (the whitening's input): rows centred and scaled to unit population std."""
+    centered = g - g.mean(dim=1, keepdim=True)
+    return centered / (centered.square().mean(dim=1, keepdim=True).sqrt() + 1e-8)
+
+
+# The direction function and its input of each whole-matrix rule, for the orthogonality column.
+DIRECTIONS = {
+    "muon": lambda g: newton_schulz5(g, 5, torch.bfloat16),
+    "muon_polar": lambda g: newton_schulz5(g, 5, torch.bfloat16, "polar_express"),
+    "normuon": lambda g: newton_schulz5(g, 5, torch.bfloat16),
+    "swan": lambda g: coupled_inverse_sqrt_polar(grad_norm(g), 10),
+    "swan_adaptive": lambda g: coupled_adaptive(grad_norm(g), 10),
+    "swan_ns5": lambda g: newton_schulz5(grad_norm(g), 5, torch.bfloat16),
+}
+
+
+def orthogonality(name: str, grads: list[torch.Tensor]) -> str:
+    """Mean orth_error |O O^T - I|_F / sqrt(p) of the rule's direction over the layer's matrices."""
+    if name not in DIRECTIONS:
+        return "-"
+    return f"{statistics.mean(orthogonality_error(DIRECTIONS[name](g)).item() for g in grads):.3f}"
 
 
 def time_step(opt: torch.optim.Optimizer, device: torch.device) -> float:
@@ -105,17 +151,21 @@ def main() -> None:
     print(
         f"device {device}, torch threads {torch.get_num_threads()}, median of {args.repeats} after {args.warmup}.\n"
     )
-    print("| optimizer | ns_dtype | step ms | x AdamW | matmul GFLOP | elementwise GFLOP (est.) | GFLOP/s |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print(
+        "| optimizer | ns_dtype | step ms | x AdamW | matmul GFLOP | elementwise GFLOP (est.) | GFLOP/s "
+        "| orth_error |"
+    )
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name in names:
         matmul = sum(table[name][1](m, n) for m, n in shapes)
-        elementwise = ELEMENTWISE[name.removesuffix("_ns5")] * numel
+        elementwise = ELEMENTWISE[name.split("_")[0] if name != "hybrid_auon" else name] * numel
         dtype = getattr(opts[name], "ns_dtype", None)
         dtype = str(dtype).removeprefix("torch.") if dtype is not None else "-"
         seconds = medians[name]
         print(
             f"| {name} | {dtype} | {seconds * 1e3:.1f} | {seconds / medians['adamw']:.2f} | {matmul / 1e9:.1f} "
-            f"| {elementwise / 1e9:.3f} | {(matmul + elementwise) / seconds / 1e9:.1f} |"
+            f"| {elementwise / 1e9:.3f} | {(matmul + elementwise) / seconds / 1e9:.1f} "
+            f"| {orthogonality(name, [p.grad for p in params])} |"
         )
 
 

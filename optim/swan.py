@@ -8,23 +8,38 @@ from collections.abc import Iterable
 import torch
 
 from optim.base import MatrixOptimizer, MatrixSlot, check_choice
-from optim.newton_schulz import coupled_flops, coupled_inverse_sqrt_polar, newton_schulz5, ns5_flops
+from optim.newton_schulz import (
+    coupled_adaptive,
+    coupled_flops,
+    coupled_inverse_sqrt_polar,
+    newton_schulz5,
+    ns5_flops,
+)
 
-WHITENINGS = ("coupled", "ns5")
+# whitening -> (the whole-matrix function, its FLOPs per matrix, default steps, default dtype)
+WHITENING = {
+    "coupled": (coupled_inverse_sqrt_polar, coupled_flops, 10, torch.float32),
+    "coupled_adaptive": (coupled_adaptive, coupled_flops, 10, torch.float32),
+    "ns5": (newton_schulz5, ns5_flops, 5, torch.bfloat16),
+}
+WHITENINGS = tuple(WHITENING)
 
 
 class SWAN(MatrixOptimizer):
     """1. GradNorm (row-local): G~ = (G - mean_row G) / (std_row G + eps), population std over the n columns.
     2. GradWhitening (whole matrix): D = (G~ G~^T)^{-1/2} G~ by the coupled Newton-Schulz inverse-sqrt
-       iteration (whitening="coupled") or D = NS5(G~) (whitening="ns5").
+       iteration (whitening="coupled"), the same iteration with an eigenvalue-scaled start and a stop at
+       convergence (whitening="coupled_adaptive", optim.newton_schulz.coupled_adaptive), or D = NS5(G~)
+       (whitening="ns5").
     3. W <- W (1 - lr wd) - lr sqrt(max(m, n)) D  (per-element update RMS 1). No state at all.
 
     Args:
         params: 2-D matrices, or param groups; groups with algorithm="adamw" are stepped by AdamW.
         lr: 1e-3 (the papers' 0.02 times alpha 0.05). eps: GradNorm's, 1e-8.
         weight_decay: 0.0 (decoupled; an addition to the papers, which has none).
-        whitening: "coupled" (default) | "ns5".
-        ns_steps: None = 10 for coupled, 5 for ns5. ns_dtype: None = "float32" for coupled, "bfloat16" for ns5.
+        whitening: "coupled" (default) | "coupled_adaptive" | "ns5".
+        ns_steps: None = 10 for the coupled forms (coupled_adaptive: at most), 5 for ns5. ns_dtype: None =
+            "float32" for the coupled forms, "bfloat16" for ns5.
         comm_dtype: dtype of row shards on the wire under FSDP2; None = ns_dtype.
     whitening, ns_steps, ns_dtype and comm_dtype are optimizer-wide.
     """
@@ -44,17 +59,16 @@ class SWAN(MatrixOptimizer):
         comm_dtype: str | torch.dtype | None = None,
     ) -> None:
         self.whitening = check_choice(whitening, WHITENINGS, "SWAN whitening")
-        coupled = whitening == "coupled"
+        _, _, steps, dtype = WHITENING[whitening]
         self._configure_newton_schulz(
-            ns_steps if ns_steps is not None else (10 if coupled else 5),
-            ns_dtype if ns_dtype is not None else (torch.float32 if coupled else torch.bfloat16),
+            ns_steps if ns_steps is not None else steps,
+            ns_dtype if ns_dtype is not None else dtype,
             comm_dtype,
         )
         super().__init__(params, {"lr": lr, "eps": eps, "weight_decay": weight_decay})
 
     def _owner_cost(self, m: int, n: int) -> float:
-        cost = coupled_flops if self.whitening == "coupled" else ns5_flops
-        return cost(m, n, self.ns_steps)
+        return WHITENING[self.whitening][1](m, n, self.ns_steps)
 
     def _matrix_step(self, slots: list[MatrixSlot]) -> None:
         normalized = []
@@ -64,9 +78,7 @@ class SWAN(MatrixOptimizer):
             # population std, written out: torch.std warns on a rank's empty (0-row) block
             std = centered.square().mean(dim=1, keepdim=True).sqrt()
             normalized.append(centered / (std + slot.group["eps"]))
-        coupled = self.whitening == "coupled"
-        whiten = coupled_inverse_sqrt_polar if coupled else newton_schulz5
-        cost = coupled_flops if coupled else ns5_flops
+        whiten, cost, _, _ = WHITENING[self.whitening]
         whitened = self._on_whole_matrices(slots, normalized, whiten, cost)
         for slot, d in zip(slots, whitened, strict=True):
             self._apply_update(slot, d, math.sqrt(max(slot.rows, slot.cols)))

@@ -73,3 +73,48 @@ def test_polar_express_trains_like_keller_on_a_tiny_run(tmp_path) -> None:
         assert losses[-1] < losses[0] - 0.5, coefficients
         final[coefficients] = losses[-1]
     assert final["polar_express"] == pytest.approx(final["keller"], rel=0.02)
+
+
+def _grad_normed(shape: tuple[int, int], seed: int = 0) -> torch.Tensor:
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    centered = g - g.mean(dim=1, keepdim=True)
+    return centered / centered.square().mean(dim=1, keepdim=True).sqrt()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_adaptive_whitening_reaches_its_tolerance_or_the_fixed_iterations_accuracy(shape) -> None:
+    """The adaptive form's output is within ADAPTIVE_TOL of orthogonal, or as close as today's 10 fixed
+    iterations get when those do not reach it, and its distance to the polar factor (float64 SVD of the
+    GradNorm'ed gradient, without the zero singular value the row centring leaves) is of that size."""
+    from optim.newton_schulz import (
+        ADAPTIVE_TOL,
+        coupled_adaptive,
+        coupled_inverse_sqrt_polar,
+        orthogonality_error,
+    )
+
+    g = _grad_normed(shape)
+    u, s, vh = torch.linalg.svd(g.double(), full_matrices=False)
+    keep = s > 1e-6 * s[0]
+    polar = u[:, keep] @ vh[keep]
+    floor = (1 - keep.double().mean()).sqrt().item()  # a zero singular value: |O O^T - I| >= 1/sqrt(p)
+    ran: list[int] = []
+    adaptive = coupled_adaptive(g, 10, ran=ran)
+    fixed_error = orthogonality_error(coupled_inverse_sqrt_polar(g, 10)).item()
+    error = orthogonality_error(adaptive).item()
+    assert error <= max(ADAPTIVE_TOL + floor, fixed_error * 1.01), (error, fixed_error)
+    assert (adaptive.double() - polar).norm() / polar.norm() < 3 * ADAPTIVE_TOL
+    if shape[0] != shape[1]:  # rectangular: well conditioned, converged before the cap (square: slow to the
+        assert ran[0] < 10  # floor its near-zero singular values approach, so it may take all 10)
+
+
+def test_adaptive_whitening_stops_each_matrix_on_its_own() -> None:
+    """A result does not depend on the matrices it is batched with (owner-computes batches differ by rank)."""
+    from optim.newton_schulz import coupled_adaptive
+
+    batch = torch.stack([_grad_normed((48, 96), seed) for seed in range(3)])
+    batch[1] *= 0.0  # an all-zero gradient stops at once, with a zero result
+    together = coupled_adaptive(batch, 10)
+    for k in range(3):
+        torch.testing.assert_close(together[k], coupled_adaptive(batch[k], 10), rtol=1e-5, atol=1e-6)
+    assert torch.equal(together[1], torch.zeros_like(together[1]))
