@@ -2,7 +2,9 @@
 itself measures and logs them (one launch/pretrain.py run per optimizer, one at a time, fresh run directories),
 at each world size of --nproc. Beside them the optimizer step's share of the step and the part of it spent
 waiting for the owner exchange's transfers (exposed communication), both of the slowest rank on logging steps
-(optim/step_s, optim/exposed_comm_s).
+(optim/step_s, optim/exposed_comm_s), and the ratio to AdamW with forward/backward held equal (AdamW's step time
+with this optimizer's step in place of AdamW's): on a shared machine forward/backward varies from run to run by
+more than the optimizers differ, and this column isolates what the optimizer itself adds.
 
 The first logged window of each run (start-up, allocator and kernel warm-up) is left out; the median of the rest,
 over --repeats rounds, is reported.
@@ -120,8 +122,13 @@ def measure(name: str, world: int, args: argparse.Namespace, overrides: list[str
         print(f"{name}: failed (exit {code}); see {cfg.run_dir / 'train.log'}", file=sys.stderr)
         into.failed = True
         return
-    records = read_records(cfg.run_dir)
-    into.tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
+    read_windows(cfg.run_dir, cfg.train.global_batch_size * cfg.train.seq_len, into)
+
+
+def read_windows(run_dir: Path, tokens_per_step: int, into: Windows) -> None:
+    """A finished run's timing windows after the warm-up one, added to `into`."""
+    records = read_records(run_dir)
+    into.tokens_per_step = tokens_per_step
     into.rates += [v for _, v in series(records, "tokens_per_s")[1:]]
     into.mfus += [v for _, v in series(records, "mfu")[1:]]
     into.optimizer_s += [v for _, v in series(records, "optim/step_s")[1:]]
@@ -133,20 +140,27 @@ def table(results: dict[str, dict[str, float] | None], world: int) -> str:
     lines = [
         f"world size {world}:",
         "",
-        "| optimizer | tokens/s | step time | x AdamW | optimizer step | its share | exposed comm | of the step "
-        "| MFU |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| optimizer | tokens/s | step time | x AdamW | x AdamW, same forward/backward | optimizer step "
+        "| its share | exposed comm | of the optimizer step | MFU |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in results.items():
         if r is None:
-            lines.append(f"| {name} | failed | — | — | — | — | — | — | — |")
+            lines.append(f"| {name} | failed | — | — | — | — | — | — | — | — |")
             continue
         ratio = f"{r['step_ms'] / base['step_ms']:.2f}x" if base else "—"
+        # AdamW's step with this optimizer's step in place of AdamW's: the optimizer's own cost, free of the
+        # run-to-run noise of forward/backward on a shared machine
+        swapped = (
+            f"{(base['step_ms'] - base['optimizer_ms'] + r['optimizer_ms']) / base['step_ms']:.2f}x"
+            if base
+            else "—"
+        )
         mfu = f"{r['mfu']:.1%}" if r["mfu"] == r["mfu"] else "n/a"
         share = r["optimizer_ms"] / r["step_ms"]
         comm = r["comm_ms"] / r["optimizer_ms"] if r["optimizer_ms"] else float("nan")
         lines.append(
-            f"| {name} | {r['tokens_per_s']:,.0f} | {r['step_ms']:.0f} ms | {ratio} | {r['optimizer_ms']:.0f} ms "
+            f"| {name} | {r['tokens_per_s']:,.0f} | {r['step_ms']:.0f} ms | {ratio} | {swapped} | {r['optimizer_ms']:.0f} ms "
             f"| {share:.1%} | {r['comm_ms']:.0f} ms | {comm:.0%} | {mfu} |"
         )
     return "\n".join(lines)

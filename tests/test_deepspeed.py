@@ -323,9 +323,9 @@ def test_deepspeed_launcher_runs_normuon_at_zero_3_with_metrics_tensorboard_and_
     events = EventAccumulator(str(run_dir / "tb"))
     events.Reload()
     assert [e.value for e in events.Scalars("loss")] == pytest.approx(losses)
-    assert {"lr", "grad_norm", "optim/update_rms", "optim/orth_error", "eval/loss"} <= set(
-        events.Tags()["scalars"]
-    )
+    scalars = set(events.Tags()["scalars"])
+    assert {"lr", "grad_norm", "optim/update_rms", "optim/orth_error", "eval/loss"} <= scalars
+    assert {"optim/step_s", "optim/exposed_comm_s"} <= scalars  # the step's time and its exchange's wait
 
 
 def test_a_matrix_rule_never_holds_a_flattened_partition_without_its_layout() -> None:
