@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
@@ -70,7 +69,7 @@ from benchmarks.trainer_runs import (  # noqa: E402
     run_parallel,
     train_seconds,
 )
-from trainer.config import CHOICES, Config, ConfigError, parse_overrides  # noqa: E402
+from trainer.config import CHOICES, Config, ConfigError, load_config, parse_overrides  # noqa: E402
 from trainer.data import DataError, build_tokenizer, open_source, save_tokenizer  # noqa: E402
 
 OPTIMIZERS = CHOICES["optim.name"]  # every optimizer the trainer knows, AdamW first
@@ -185,9 +184,10 @@ def data_overrides(args: argparse.Namespace, overrides: list[str]) -> list[str]:
 
 
 def made_elsewhere(cfg: Config) -> bool:
-    """A run directory left by other settings (another budget, data, lr) must not be resumed or reused."""
+    """A run directory left by other settings (another budget, data, lr) must not be resumed or reused. The saved
+    config is read through load_config, so a field added to the trainer since, at its default, still matches."""
     saved = cfg.run_dir / "config.yaml"
-    return saved.is_file() and yaml.safe_load(saved.read_text()) != cfg.to_dict()
+    return saved.is_file() and load_config(str(saved)).to_dict() != cfg.to_dict()
 
 
 @dataclass(eq=False)

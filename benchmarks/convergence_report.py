@@ -339,7 +339,8 @@ def width_table(reports: list[SweepReport]) -> str:
     lines += [
         "",
         "Each cell: best matrix lr (seed 0; † at the edge of its grid): final eval loss mean [min, max] over "
-        "seeds. The shipped lr convention should keep the ratio within 2x across a 4x width change.",
+        "seeds. The ratio moves in steps of the grid factor: with factor 2, 0.5 or 2 is one grid step, the "
+        "resolution of the sweep; an lr convention that transfers keeps it within 2x.",
     ]
     return "\n".join(lines)
 
