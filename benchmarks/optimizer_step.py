@@ -35,6 +35,7 @@ from optim.newton_schulz import (  # noqa: E402
     coupled_inverse_sqrt_polar,
     newton_schulz5,
     ns5_flops,
+    ns5_form_flops,
     orthogonality_error,
 )
 
@@ -59,6 +60,7 @@ def optimizers(ns_dtype: str | None) -> dict[str, tuple[Callable, Callable[[int,
         "swan_adaptive": (lambda p: SWAN(p, whitening="coupled_adaptive", **ns), adaptive_flops),
         "sinkgd": (lambda p: SinkGD(p), lambda m, n: 0.0),
         "normuon": (lambda p: NorMuon(p, **ns), lambda m, n: ns5_flops(m, n, 5)),
+        "muon_gram": (lambda p: Muon(p, ns_form="gram", **ns), lambda m, n: ns5_form_flops(m, n, 5, "gram")),
         "muon_polar": (
             lambda p: Muon(p, ns_coefficients="polar_express", **ns),
             lambda m, n: ns5_flops(m, n, 5),
@@ -85,6 +87,7 @@ def grad_norm(g: torch.Tensor) -> torch.Tensor:
 DIRECTIONS = {
     "muon": lambda g: newton_schulz5(g, 5, torch.bfloat16),
     "muon_polar": lambda g: newton_schulz5(g, 5, torch.bfloat16, "polar_express"),
+    "muon_gram": lambda g: newton_schulz5(g, 5, torch.bfloat16, form="gram"),
     "normuon": lambda g: newton_schulz5(g, 5, torch.bfloat16),
     "swan": lambda g: coupled_inverse_sqrt_polar(grad_norm(g), 10),
     "swan_adaptive": lambda g: coupled_adaptive(grad_norm(g), 10),

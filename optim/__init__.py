@@ -15,6 +15,7 @@ and param groups with `algorithm="adamw"` are stepped by torch's AdamW inside th
 | Muon | ns_steps | 5 |
 | Muon | ns_dtype | bfloat16 |
 | Muon | ns_coefficients | keller (or polar_express) |
+| Muon | ns_form | standard (or gram) |
 | SWAN | lr | 1e-3 |
 | SWAN | eps | 1e-8 (GradNorm) |
 | SWAN | whitening | coupled (or ns5) |
@@ -30,6 +31,7 @@ and param groups with `algorithm="adamw"` are stepped by torch's AdamW inside th
 | NorMuon | ns_steps | 5 |
 | NorMuon | ns_dtype | bfloat16 |
 | NorMuon | ns_coefficients | keller (or polar_express) |
+| NorMuon | ns_form | standard (or gram) |
 | AuON | lr | 0.24 for variant paper, 0.08 for reference_code |
 | AuON | variant | paper (or reference_code) |
 | AuON | momentum | 0.95 |
@@ -77,6 +79,7 @@ RULE_OPTIONS = {
     "sinkgd_iters": "iters",
     "comm_dtype": "comm_dtype",
     "ns_coefficients": "ns_coefficients",
+    "ns_form": "ns_form",
 }
 
 

@@ -22,7 +22,13 @@ from torch import Tensor
 from torch.optim.adamw import adamw as functional_adamw
 
 from optim.health import HealthTracker, StepHealth, shard_groups
-from optim.newton_schulz import NS_COEFFICIENTS, newton_schulz5, ns5_flops, orthogonality_error
+from optim.newton_schulz import (
+    NS_COEFFICIENTS,
+    NS_FORMS,
+    newton_schulz5,
+    ns5_flops,
+    orthogonality_error,
+)
 from optim.sharded import (
     OVERLAP_BUCKETS,
     FlatLayout,
@@ -366,13 +372,16 @@ class MatrixOptimizer(torch.optim.Optimizer):
         ns_dtype: str | torch.dtype,
         comm_dtype: str | torch.dtype | None,
         ns_coefficients: str = "keller",
+        ns_form: str = "standard",
     ) -> None:
         """Optimizer-wide Newton-Schulz settings: steps, compute dtype, the dtype of row shards on the wire under
-        FSDP2 (None = the compute dtype), and NS5's polynomials (optim.newton_schulz.NS_COEFFICIENTS)."""
+        FSDP2 (None = the compute dtype), NS5's polynomials (optim.newton_schulz.NS_COEFFICIENTS) and whether
+        NS5 iterates on the Gram matrix where that is cheaper (NS_FORMS)."""
         self.ns_steps = ns_steps
         self.ns_dtype = resolve_dtype(ns_dtype, "ns_dtype")
         self.comm_dtype = resolve_dtype(comm_dtype, "comm_dtype") or self.ns_dtype
         self.ns_coefficients = check_choice(ns_coefficients, NS_COEFFICIENTS, "ns_coefficients")
+        self.ns_form = check_choice(ns_form, NS_FORMS, "ns_form")
 
     def _momentum_inputs(self, slots: list[MatrixSlot], nesterov: list[bool]) -> list[Tensor]:
         """M <- mu M + (1 - mu) G (fp32 state, local rows, mu = the group's momentum); the matrix function's
@@ -413,7 +422,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
     ) -> list[Tensor]:
         """fn(X, steps, dtype) on each slot's whole matrix with the optimizer's Newton-Schulz options (see
         _configure_newton_schulz), owner-computed under sharding; this rank's rows of each result."""
-        options = {"coefficients": self.ns_coefficients} if fn is newton_schulz5 else {}
+        options = {"coefficients": self.ns_coefficients, "form": self.ns_form} if fn is newton_schulz5 else {}
         return apply_to_whole_matrices(
             partial(fn, steps=self.ns_steps, dtype=self.ns_dtype, **options),
             inputs,

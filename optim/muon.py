@@ -20,6 +20,7 @@ class Muon(MatrixOptimizer):
         ns_steps: Newton-Schulz iterations, 5. ns_dtype: "bfloat16" ("float32" for exactness).
         comm_dtype: dtype of row shards on the wire under FSDP2; None = ns_dtype (then sharded == unsharded).
         ns_coefficients: "keller" (Keller Jordan's fixed polynomial) or "polar_express" (per-iteration ones).
+        ns_form: "standard" or "gram" (NS5 on the p x p Gram matrix where that is cheaper: q >= 1.5 p at 5 steps).
     ns_steps, ns_dtype and comm_dtype are optimizer-wide (all matrices are orthogonalized in one batch).
     """
 
@@ -37,8 +38,9 @@ class Muon(MatrixOptimizer):
         ns_dtype: str | torch.dtype = "bfloat16",
         comm_dtype: str | torch.dtype | None = None,
         ns_coefficients: str = "keller",
+        ns_form: str = "standard",
     ) -> None:
-        self._configure_newton_schulz(ns_steps, ns_dtype, comm_dtype, ns_coefficients)
+        self._configure_newton_schulz(ns_steps, ns_dtype, comm_dtype, ns_coefficients, ns_form)
         defaults = {"lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay}
         super().__init__(params, defaults)
 

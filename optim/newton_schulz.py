@@ -33,6 +33,7 @@ POLAR_EXPRESS_COEFFICIENTS = tuple(
     )
 ) + ((1.875, -1.25, 0.375),)
 NS_COEFFICIENTS = ("keller", "polar_express")
+NS_FORMS = ("standard", "gram")
 
 
 def ns5_schedule(coefficients: str, steps: int) -> tuple[list[tuple[float, float, float]], float]:
@@ -53,10 +54,16 @@ def _wide(x: Tensor) -> tuple[Tensor, bool]:
 
 
 def newton_schulz5(
-    g: Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16, coefficients: str = "keller"
+    g: Tensor,
+    steps: int = 5,
+    dtype: torch.dtype = torch.bfloat16,
+    coefficients: str = "keller",
+    form: str = "standard",
 ) -> Tensor:
     """NS5 (docs/optimizers.md): Frobenius-normalize, then `steps` times X <- aX + (bA + cA^2)X with A = XX^T, with
     Keller Jordan's (a, b, c) every iteration (`keller`) or Polar Express's per-iteration ones (`polar_express`).
+    form="gram": the same iterations on the p x p Gram matrix (`_gram_iterations`) for the matrices where that
+    costs fewer FLOPs (`gram_is_cheaper`); the others, and form="standard", iterate on X itself.
 
     The operation order (norm in `dtype`, baddbmm for the fused multiply-adds) is Keller Jordan's / torch's
     Muon, so in bf16 our Muon equals torch.optim.Muon. Cost about steps * (4 p^2 q + 2 p^3) FLOPs per matrix.
@@ -64,11 +71,34 @@ def newton_schulz5(
     schedule, margin = ns5_schedule(coefficients, steps)
     x, tall = _wide(g.to(dtype))
     x = x / (x.norm(dim=(-2, -1), keepdim=True) * margin + NS5_EPS)  # (* 1.0 is exact: Keller's unchanged)
-    for a, b, c in schedule:
-        gram = x @ x.mT
-        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
-        x = torch.baddbmm(x, poly, x, beta=a)
+    if form == "gram" and gram_is_cheaper(x.size(-2), x.size(-1), steps):
+        x = _gram_iterations(x, schedule)
+    else:
+        for a, b, c in schedule:
+            gram = x @ x.mT
+            poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+            x = torch.baddbmm(x, poly, x, beta=a)
     return (x.mT if tall else x).reshape(g.shape)
+
+
+def _gram_iterations(x: Tensor, schedule: list[tuple[float, float, float]]) -> Tensor:
+    """NS5's iterations run on the p x p Gram matrix: with R = X X^T each step is X <- Z X, Z = aI + bR + cR^2, so
+    X_T = Q X_0 with Q = Z_{T-1} ... Z_0, and since every Z is a polynomial in R_0 they commute with R:
+    R <- Z^2 R. Two products with the p x q matrix in all (R_0 and Q X_0) instead of two per step."""
+    r = x @ x.mT
+    eye = torch.eye(r.size(-1), dtype=r.dtype, device=r.device).expand_as(r)
+    q = None
+    for k, (a, b, c) in enumerate(schedule):
+        z = torch.baddbmm(r, r, r, beta=b, alpha=c) + a * eye
+        q = z if q is None else z @ q
+        if k + 1 < len(schedule):
+            r = z @ (z @ r)
+    return x if q is None else q @ x
+
+
+def gram_is_cheaper(p: int, q: int, steps: int) -> bool:
+    """Whether the Gram form's FLOPs are below the standard form's for a wide (p, q) matrix (q >= 1.5 p at 5)."""
+    return gram_flops(p, q, steps) < ns5_flops(p, q, steps)
 
 
 def coupled_inverse_sqrt_polar(g: Tensor, steps: int = 10, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -146,6 +176,17 @@ def ns5_flops(m: int, n: int, steps: int = 1) -> float:
     """Matmul FLOPs of `newton_schulz5` on one (m, n) matrix: steps * (4 p^2 q + 2 p^3)."""
     p, q = min(m, n), max(m, n)
     return steps * (4 * p * p * q + 2 * p**3)
+
+
+def gram_flops(m: int, n: int, steps: int = 1) -> float:
+    """Matmul FLOPs of NS5's Gram form on one (m, n) matrix: 4 p^2 q (R_0, Q X_0) + (8 steps - 6) p^3."""
+    p, q = min(m, n), max(m, n)
+    return 4 * p * p * q + (8 * steps - 6) * p**3
+
+
+def ns5_form_flops(m: int, n: int, steps: int = 5, form: str = "standard") -> float:
+    """NS5's matmul FLOPs on one (m, n) matrix in `form` (the Gram form only where it is cheaper)."""
+    return min(gram_flops(m, n, steps), ns5_flops(m, n, steps)) if form == "gram" else ns5_flops(m, n, steps)
 
 
 def coupled_flops(m: int, n: int, steps: int = 10) -> float:

@@ -34,6 +34,7 @@ class NorMuon(MatrixOptimizer):
         weight_decay: 0.0 (decoupled). variant: "paper" (default) | "reference_code".
         ns_steps: 5. ns_dtype: "bfloat16". comm_dtype: wire dtype under FSDP2, None = ns_dtype.
         ns_coefficients: "keller" (default) | "polar_express" (optim.newton_schulz).
+        ns_form: "standard" (default) | "gram" (NS5 on the Gram matrix where that is cheaper).
     variant, ns_steps, ns_dtype, comm_dtype and ns_coefficients are optimizer-wide.
     """
 
@@ -53,9 +54,10 @@ class NorMuon(MatrixOptimizer):
         ns_dtype: str | torch.dtype = "bfloat16",
         comm_dtype: str | torch.dtype | None = None,
         ns_coefficients: str = "keller",
+        ns_form: str = "standard",
     ) -> None:
         self.variant = check_choice(variant, VARIANTS, "NorMuon variant")
-        self._configure_newton_schulz(ns_steps, ns_dtype, comm_dtype, ns_coefficients)
+        self._configure_newton_schulz(ns_steps, ns_dtype, comm_dtype, ns_coefficients, ns_form)
         defaults = {
             "lr": DEFAULT_LR[variant] if lr is None else lr,
             "momentum": momentum,

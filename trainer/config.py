@@ -127,6 +127,8 @@ class OptimConfig:
     ns_dtype: str | None = checked(None, one_of("bfloat16", "float32"))
     # NS5's polynomials (muon, normuon): None = keller (Keller Jordan's fixed one) | polar_express (per iteration)
     ns_coefficients: str | None = checked(None, one_of("keller", "polar_express"))
+    # NS5 on the p x p Gram matrix where that costs fewer FLOPs (muon, normuon): None = standard | gram
+    ns_form: str | None = checked(None, one_of("standard", "gram"))
     variant: str | None = None
     whitening: str | None = None
     sinkgd_iters: int | None = None
