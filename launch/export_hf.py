@@ -36,8 +36,8 @@ def load_model(checkpoint: Path) -> Llama:
     model = Llama(LlamaConfig(**saved["model_config"]))
     if saved.get("config", {}).get("parallel", {}).get("engine") == "deepspeed":
         model.load_state_dict(read_weights(checkpoint))
-    else:
-        load_state(checkpoint, {"app": {"model": model.state_dict()}})  # into the model's own tensors, in place
+    else:  # into the model's own tensors, in place
+        load_state(checkpoint, {"app": {"model": model.state_dict()}})
     return model
 
 
