@@ -21,7 +21,7 @@ through the trainer's own resume; a run directory made with other settings is an
     python benchmarks/convergence.py --models llama_tiny,llama_tiny_w192   # width transfer
     python benchmarks/convergence.py --reduced                        # ~15 min on 2 cores (0.5M tokens, 2 seeds)
     python benchmarks/convergence.py --quick                          # smoke test: seconds per run
-    python benchmarks/convergence.py --data generated                 # the order-2 diagnostic corpus
+    python benchmarks/convergence.py --data generated                 # the order-2 diagnostic (*_generated.md)
 
 Any `--section.key=value` argument is passed to every run as a trainer config override.
 """
@@ -155,6 +155,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     args.out = args.out or (args.runs_dir / "results" if args.quick else root / "benchmarks" / "results")
     args.stem = "convergence" + {"sweep": "", "batch": "_batch", "width": "_width"}[args.mode]
     args.stem += "_reduced" if args.reduced else ""
+    args.stem += (
+        "" if args.data == "real" else f"_{Path(args.data).stem}"
+    )  # generated, or a local source's name
     return args, overrides
 
 

@@ -53,8 +53,8 @@ def test_convergence_quick_writes_table_and_plot_and_resumes(tmp_path: Path) -> 
     first = run_command(cmd, timeout=300)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
 
-    text = (out / "convergence.md").read_text()
-    png = (out / "convergence.png").read_bytes()
+    text = (out / "convergence_generated.md").read_text()
+    png = (out / "convergence_generated.png").read_bytes()
     assert png.startswith(b"\x89PNG") and 10_000 < len(png) < 200_000
     assert "entropy floor 1.8343" in text  # the generated corpus's closed-form floor (vocab 64, order 2)
     sweep = runs / "generated_llama_tiny_3072tok_b8x32"  # 3072 tokens: 12 steps x 8 x 32
@@ -102,4 +102,4 @@ def test_convergence_quick_writes_table_and_plot_and_resumes(tmp_path: Path) -> 
     def tables(md: str) -> list[str]:  # the header's wall time and date may change; the numbers may not
         return [line for line in md.splitlines() if not line.startswith(("Date:", "Command:"))]
 
-    assert tables((out / "convergence.md").read_text()) == tables(text)
+    assert tables((out / "convergence_generated.md").read_text()) == tables(text)
