@@ -121,6 +121,11 @@ def main() -> None:
     parser.add_argument(
         "--ns-dtype", choices=["bfloat16", "float32"], default=None, help="default: each's own"
     )
+    parser.add_argument(
+        "--tf32",
+        action="store_true",
+        help="the whole-matrix rules' fp32 matmuls in TF32 (CUDA: optim.ns_tf32)",
+    )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--only", nargs="*", help="subset of optimizers (adamw is always measured)")
@@ -135,6 +140,10 @@ def main() -> None:
     table = optimizers(args.ns_dtype)
     names = ["adamw", *[n for n in table if n != "adamw" and (not args.only or n in args.only)]]
     opts = {name: table[name][0](params) for name in names}
+    for opt in opts.values():
+        opt.ns_tf32 = args.tf32
+    if args.tf32 and device.type == "cuda":  # the orth_error column's directions too
+        torch.set_float32_matmul_precision("high")
     for _ in range(args.warmup):
         for opt in opts.values():
             opt.step()

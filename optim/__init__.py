@@ -150,6 +150,7 @@ def build_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
         )
     optimizer = cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
     optimizer.overlap_buckets = getattr(cfg, "overlap_buckets", optimizer.overlap_buckets)
+    optimizer.ns_tf32 = getattr(cfg, "ns_tf32", optimizer.ns_tf32)
     return optimizer
 
 

@@ -73,6 +73,18 @@ def _on_device(state: Any, device: torch.device) -> Any:
     return state
 
 
+def _tf32_on_cuda(fn: Callable[[Tensor], Tensor], batch: Tensor) -> Tensor:
+    """fn(batch) with fp32 matmuls in TF32 when the batch is on CUDA (10-bit mantissa products, fp32 sums)."""
+    if batch.device.type != "cuda":
+        return fn(batch)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        return fn(batch)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
 @dataclass
 class MatrixSlot:
     """One matrix parameter in one step: its group, state, shard info and local blocks."""
@@ -139,6 +151,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
     # Rounds of the owner exchange (optim.sharded.apply_to_whole_matrices): a round's transfers overlap the next
     # round's compute. Every number is the same whatever the count.
     overlap_buckets: int = OVERLAP_BUCKETS
+    # TF32 for the whole-matrix iterations' fp32 matmuls on CUDA (optim.ns_tf32; no effect on CPU)
+    ns_tf32: bool = False
 
     def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
         self._tracker: HealthTracker | None = None
@@ -423,8 +437,9 @@ class MatrixOptimizer(torch.optim.Optimizer):
         """fn(X, steps, dtype) on each slot's whole matrix with the optimizer's Newton-Schulz options (see
         _configure_newton_schulz), owner-computed under sharding; this rank's rows of each result."""
         options = {"coefficients": self.ns_coefficients, "form": self.ns_form} if fn is newton_schulz5 else {}
+        whole = partial(fn, steps=self.ns_steps, dtype=self.ns_dtype, **options)
         return apply_to_whole_matrices(
-            partial(fn, steps=self.ns_steps, dtype=self.ns_dtype, **options),
+            partial(_tf32_on_cuda, whole) if self.ns_tf32 else whole,
             inputs,
             [s.info for s in slots],
             comm_dtype=self.comm_dtype,

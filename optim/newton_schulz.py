@@ -140,6 +140,8 @@ def coupled_adaptive(
     Cost 4 p^2 q + 6 k p^3 for the k iterations run (appended to `ran` when given), plus one host
     synchronization per iteration.
     """
+    if g.device.type == "meta":  # the memory planner: no values to stop on; the fixed iteration's footprint
+        return coupled_inverse_sqrt_polar(g, steps, dtype)
     x, tall = _wide(g.to(dtype))
     gram = x @ x.mT
     p = gram.size(-1)

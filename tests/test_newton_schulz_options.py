@@ -76,6 +76,33 @@ def test_the_variants_train_like_keller_on_a_tiny_run(tmp_path) -> None:
         final[name] = losses[-1]
     assert final["polar_express"] == pytest.approx(final["keller"], rel=0.02)
     assert final["gram"] == pytest.approx(final["keller"], rel=0.02)
+    swan = {}
+    for whitening in ("coupled", "coupled_adaptive"):  # SWAN's adaptive whitening likewise
+        overrides = [
+            *FAST, "--train.steps=60", "--metrics.log_every=10", f"--optim.whitening={whitening}",
+            f"--train.runs_dir={tmp_path}", f"--train.run_name=swan_{whitening}",
+        ]  # fmt: skip
+        run_distributed(train_in_process, 1, "tiny_swan.yaml", overrides)
+        swan[whitening] = logged(tmp_path / f"swan_{whitening}")[-1]
+    assert swan["coupled_adaptive"] == pytest.approx(swan["coupled"], rel=0.02)
+
+
+def test_tf32_is_an_option_that_changes_nothing_on_cpu() -> None:
+    from optim import build_optimizer
+    from trainer.config import OptimConfig
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 24, bias=False), torch.nn.Linear(24, 16, bias=False))
+    copy = torch.nn.Sequential(torch.nn.Linear(16, 24, bias=False), torch.nn.Linear(24, 16, bias=False))
+    copy.load_state_dict(model.state_dict())
+    for m in (model, copy):
+        for p in m.parameters():
+            p.grad = torch.ones_like(p) + torch.arange(p.numel()).view_as(p) % 7
+    tf32 = build_optimizer(OptimConfig(name="swan", lr=0.01, ns_tf32=True), model)
+    assert tf32.ns_tf32 and not build_optimizer(OptimConfig(name="swan", lr=0.01), copy).ns_tf32
+    tf32.step()
+    build_optimizer(OptimConfig(name="swan", lr=0.01), copy).step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), copy.parameters(), strict=True))
 
 
 def _grad_normed(shape: tuple[int, int], seed: int = 0) -> torch.Tensor:

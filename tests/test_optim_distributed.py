@@ -46,6 +46,7 @@ CASES = {
     "muon": {"name": "muon", "lr": 0.02, "weight_decay": 0.1, **F32},
     "swan": {"name": "swan", "lr": 1e-2, **F32},
     "swan_ns5": {"name": "swan", "lr": 1e-2, "whitening": "ns5", **F32},
+    "swan_adaptive": {"name": "swan", "lr": 1e-2, "whitening": "coupled_adaptive", **F32},
     "sinkgd": {"name": "sinkgd", "lr": 1e-2},
     "normuon": {"name": "normuon", "lr": 1e-2, **F32},
     "normuon_reference_code": {"name": "normuon", "lr": 0.02, "variant": "reference_code", **F32},
@@ -58,6 +59,7 @@ WHOLE_MATRIX = (
     "muon",
     "swan",
     "swan_ns5",
+    "swan_adaptive",
     "normuon",
     "normuon_reference_code",
     "hybrid_auon",
@@ -332,7 +334,7 @@ def _rounds(case: str, slots: int) -> int:
     """Rounds of the owner exchange: the most shape groups any slot owns (capped at OVERLAP_BUCKETS)."""
     block = [(DIM, DIM), (1, DIM), (1, DIM), (DIM, DIM), (HIDDEN, DIM), (HIDDEN, DIM), (DIM, HIDDEN)]
     shapes = block * BLOCKS
-    owners = assign_owners(shapes, slots, coupled_flops if case == "swan" else ns5_flops)
+    owners = assign_owners(shapes, slots, coupled_flops if case in ("swan", "swan_adaptive") else ns5_flops)
     groups = [len({shape for shape, o in zip(shapes, owners, strict=True) if o == s}) for s in range(slots)]
     return min(OVERLAP_BUCKETS, max(groups))
 

@@ -137,6 +137,9 @@ class OptimConfig:
     # rounds the owner exchange is cut into, each round's transfers overlapping the next one's compute; 1 = one
     # all-to-all each way (the numbers are the same bits either way)
     overlap_buckets: int = checked(4, positive)
+    # TF32 for the fp32 matmuls of Newton-Schulz and SWAN's whitening on CUDA (no effect on CPU; accuracy:
+    # `benchmarks/optimizer_step.py --device cuda --tf32`)
+    ns_tf32: bool = False
     # Apply each parameter's update during backward as soon as its gradient is complete and free the gradient
     # (trainer/engines/backward_update.py); needs no accumulation, grad_clip 0 and on_nonfinite stop.
     update_in_backward: bool = False
