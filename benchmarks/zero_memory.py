@@ -119,13 +119,15 @@ def planned(args: argparse.Namespace, optimizer: str, engine: str, overrides: li
 def exchange_bytes(args: argparse.Namespace, optimizer: str, overrides: list[str]) -> dict[str, float] | None:
     """Bytes per optimizer step sent by the busiest rank: the owner exchange under ZeRO-2's layout, and ZeRO's
     gradient reduce-scatter and weight all-gather (fp32 here; bf16 halves ZeRO's, the exchange stays fp32)."""
+    import torch
+
     from models import Llama
     from optim import build_optimizer, route_parameters
-    from optim.sharded import assign_owners
+    from optim.sharded import assign_owners, concatenation_bounds
     from trainer.resolve import resolve
 
     cfg = load_config(f"tiny_{optimizer}", run_overrides(args, "zero2", overrides))
-    with __import__("torch").device("meta"):
+    with torch.device("meta"):
         model = Llama(resolve(cfg, args.world_size, "cpu").model)
     opt = build_optimizer(cfg.optim, model)
     if not hasattr(opt, "_owner_cost"):
@@ -140,10 +142,10 @@ def exchange_bytes(args: argparse.Namespace, optimizer: str, overrides: list[str
     sent = [0] * world
     start = 0
     for size, owner in zip(sizes, owners, strict=True):
+        bounds = concatenation_bounds(size, start, partition, world)
         for rank in range(world):
-            piece = max(0, min(start + size, (rank + 1) * partition) - max(start, rank * partition))
-            if rank != owner:
-                sent[rank] += 2 * 4 * piece  # gradient piece out, update piece back (fp32)
+            if rank != owner:  # its gradient piece out, its update piece back (fp32)
+                sent[rank] += 2 * 4 * (bounds[rank + 1] - bounds[rank])
         start += size
     n_params = sum(p.numel() for p in model.parameters())
     ring = 4 * n_params * (world - 1) / world

@@ -379,6 +379,12 @@ class _Exchange:
         return {i: p.view(self.infos[i].local_shape(rank)) for i, p in zip(matrices, pieces, strict=True)}
 
 
+def concatenation_bounds(numel: int, start: int, partition: int, world: int) -> tuple[int, ...]:
+    """ZeRO-1/2's element bounds (ShardInfo.bounds) of a matrix of `numel` elements laid at `start` in a flat
+    buffer cut into `world` equal partitions of `partition` elements, partition r on rank r."""
+    return tuple(min(max(r * partition - start, 0), numel) for r in range(world + 1))
+
+
 @dataclass(frozen=True)
 class FlatLayout:
     """Where whole matrices sit in this rank's flat 1-D partition (DeepSpeed ZeRO hands the optimizer one per
@@ -403,8 +409,7 @@ class FlatLayout:
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         infos, offsets = [], []
         for shape, start in zip(shapes, starts, strict=True):
-            numel = shape.numel()
-            bounds = tuple(min(max(r * partition - start, 0), numel) for r in range(world + 1))
+            bounds = concatenation_bounds(shape.numel(), start, partition, world)
             infos.append(ShardInfo(shape, group, rank, world, bounds=bounds))
             offsets.append(max(start - rank * partition, 0))
         return cls(tuple(params), tuple(infos), tuple(offsets))
