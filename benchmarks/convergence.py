@@ -69,7 +69,7 @@ from benchmarks.trainer_runs import (  # noqa: E402
     run_parallel,
     train_seconds,
 )
-from trainer.config import CHOICES, Config, ConfigError, load_config, parse_overrides  # noqa: E402
+from trainer.config import CHOICES, Config, ConfigError, load_config, parse_args_and_overrides  # noqa: E402
 from trainer.data import DataError, build_tokenizer, open_source, save_tokenizer  # noqa: E402
 
 OPTIMIZERS = CHOICES["optim.name"]  # every optimizer the trainer knows, AdamW first
@@ -132,11 +132,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--reduced", action="store_true", help="0.5M tokens, 2 seeds: ~15 min on 2 cores")
     budget.add_argument("--quick", action="store_true", help="a few steps on a tiny batch: a smoke test")
-    args, overrides = parser.parse_known_args(argv)
-    try:
-        parse_overrides(overrides)
-    except ConfigError as err:
-        parser.error(str(err))
+    args, overrides = parse_args_and_overrides(parser, argv)
     preset = {**DEFAULTS, **(REDUCED if args.reduced else QUICK if args.quick else {})}
     for key, value in preset.items():
         if getattr(args, key) is None:

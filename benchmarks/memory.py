@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from trainer.config import ConfigError, load_config, parse_overrides  # noqa: E402
+from trainer.config import load_config, parse_args_and_overrides  # noqa: E402
 
 GiB = 2**30
 # glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed, after which freed mid-size
@@ -49,11 +49,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--threads", type=int, default=2, help="torch threads of each measuring process")
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure this variant, print JSON
-    args, overrides = parser.parse_known_args(argv)
-    try:
-        parse_overrides(overrides)
-    except ConfigError as err:
-        parser.error(str(err))
+    args, overrides = parse_args_and_overrides(parser, argv)
     return args, overrides
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from benchmarks.trainer_runs import EXIT_OK, TrainerRun, launch, read_records, series  # noqa: E402
-from trainer.config import CHOICES, ConfigError, parse_overrides  # noqa: E402
+from trainer.config import CHOICES, ConfigError, parse_args_and_overrides  # noqa: E402
 from trainer.resolve import resolve  # noqa: E402
 
 OPTIMIZERS = CHOICES["optim.name"]  # every optimizer the trainer knows, AdamW first
@@ -54,11 +54,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS per process; 0 = inherit")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/throughput"))
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
-    args, overrides = parser.parse_known_args(argv)
-    try:
-        parse_overrides(overrides)
-    except ConfigError as err:
-        parser.error(str(err))
+    args, overrides = parse_args_and_overrides(parser, argv)
     if args.steps < 2 * args.log_every:
         parser.error("--steps must cover at least two --log-every windows (the first is warm-up)")
     args.runs_dir = args.runs_dir.resolve()

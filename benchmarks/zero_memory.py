@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from trainer.config import ConfigError, load_config, parse_overrides  # noqa: E402
+from trainer.config import load_config, parse_args_and_overrides  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 2**20
@@ -45,11 +45,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--gpu-world", type=int, default=8, help="ranks of the planned bf16 GPU run")
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--out", type=Path, help="also write the markdown tables here")
-    args, overrides = parser.parse_known_args(argv)
-    try:
-        parse_overrides(overrides)
-    except ConfigError as err:
-        parser.error(str(err))
+    args, overrides = parse_args_and_overrides(parser, argv)
     args.optimizers = args.optimizers.split(",")
     return args, overrides
 

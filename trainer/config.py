@@ -9,6 +9,7 @@ with code 2 before anything is written.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import re
 import types
@@ -287,6 +288,19 @@ def _validate(cfg: Config, where: str) -> None:
         problem = check(getattr(getattr(cfg, section), name)) if check else None
         if problem:
             raise ConfigError(f"{key}: {problem} ({where})")
+
+
+def parse_args_and_overrides(
+    parser: argparse.ArgumentParser, argv: list[str] | None
+) -> tuple[Any, list[str]]:
+    """A command's own arguments and the rest as trainer overrides (`--section.key=value`), checked here: a
+    malformed one ends the command with parser.error's one line (exit 2)."""
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        parse_overrides(overrides)
+    except ConfigError as err:
+        parser.error(str(err))
+    return args, overrides
 
 
 def parse_overrides(argv: list[str]) -> list[tuple[str, str]]:
