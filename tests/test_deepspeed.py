@@ -176,18 +176,23 @@ def _assert_zero_parity(
                 assert len(got["optim/orth_error"]) == 5, run
 
 
-@pytest.mark.slow
-def test_every_matrix_optimizer_at_every_zero_stage_equals_fsdp2(tmp_path) -> None:
-    """World 2 with gradient accumulation 2 (FAST): losses, norms, update sizes and final weights to 1e-5."""
+def _zero_runs(names: tuple[str, ...], stages: tuple[int, ...]) -> list[tuple[str, str, list[str]]]:
+    """Each optimizer's FSDP2 reference run, then the same config under DeepSpeed at each ZeRO stage."""
     runs = []
-    for name in MATRIX_OPTIMIZERS:
+    for name in names:
         config = f"tiny_{name}.yaml"
         runs.append((name, config, _fp32(name)))
         runs += [
             (f"{name}_zero{s}", config, [*_fp32(name), *DEEPSPEED, f"--parallel.zero_stage={s}"])
-            for s in range(4)
+            for s in stages
         ]
-    results = run_distributed(_train_all, 2, tmp_path, runs)
+    return runs
+
+
+@pytest.mark.slow
+def test_every_matrix_optimizer_at_every_zero_stage_equals_fsdp2(tmp_path) -> None:
+    """World 2 with gradient accumulation 2 (FAST): losses, norms, update sizes and final weights to 1e-5."""
+    results = run_distributed(_train_all, 2, tmp_path, _zero_runs(MATRIX_OPTIMIZERS, (0, 1, 2, 3)))
     _assert_zero_parity(tmp_path, results, MATRIX_OPTIMIZERS, (0, 1, 2, 3), world=2)
 
 
@@ -197,15 +202,7 @@ def test_zero_stages_at_world_size_4_equal_fsdp2(tmp_path) -> None:
     One rule of each kind: whole-matrix whitening (SWAN), Newton-Schulz with row state (NorMuon), row and column
     normalizations (SinkGD)."""
     names = ("swan", "normuon", "sinkgd")
-    runs = []
-    for name in names:
-        config = f"tiny_{name}.yaml"
-        runs.append((name, config, _fp32(name)))
-        runs += [
-            (f"{name}_zero{s}", config, [*_fp32(name), *DEEPSPEED, f"--parallel.zero_stage={s}"])
-            for s in (2, 3)
-        ]
-    results = run_distributed(_train_all, 4, tmp_path, runs)
+    results = run_distributed(_train_all, 4, tmp_path, _zero_runs(names, (2, 3)))
     _assert_zero_parity(tmp_path, results, names, (2, 3), world=4)
 
 
