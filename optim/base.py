@@ -260,15 +260,16 @@ class MatrixOptimizer(torch.optim.Optimizer):
         owned = self.state[flat].setdefault("owned", {})  # matrix index -> that matrix's state
         probe_index = next((k for k, p in enumerate(layout.params) if p is self._probe), None)
         order = sorted(wholes, key=lambda k: k != probe_index)  # the probe leads its chunk
+        # the owner's slots: whole gradients, and a zero "weight" that the rule turns into -lr * scale * direction
         slots = [
             MatrixSlot(
                 wholes[k],
                 group,
                 owned.setdefault(k, {}),
-                ShardInfo(wholes[k].shape, None, 0, 1),
+                shard_info(wholes[k]),
                 torch.zeros_like(wholes[k]),
                 wholes[k],
-            )
+            )  # fmt: skip
             for k in order
         ]
         if self._tracker is not None:
@@ -416,9 +417,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
             scaled = direction.float() * scale
             self._health.sums[0] += scaled.square().sum() * lr**2
             self._health.sums[1] += slot.weight.float().square().sum()
-            if (
-                slot.param is self._probe_now
-            ):  # its rows of the applied update, for the spectrum (report() time)
+            # the probe's rows of the applied update, for the spectrum (report() time)
+            if slot.param is self._probe_now:
                 self._health.probe_update = scaled.mul_(lr)
         if wd:
             slot.weight.mul_(1 - lr * wd)
