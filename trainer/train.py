@@ -91,22 +91,56 @@ def evaluate(model: nn.Module, held_out: HeldOutSet, micro: int, device: torch.d
     return (total[0] / total[1]).item()
 
 
-def train(cfg: Config, dist_info: DistInfo) -> dict[str, Any]:
-    """Train `cfg` on this process's rank; {"step", "loss", "run_dir"}. Usage errors raise before any write."""
-    run, device, t = resolve(cfg, dist_info.world_size, dist_info.device), dist_info.device, cfg.train
+@dataclass
+class Prepared:
+    """A run ready for its first step: everything is checked and restored, nothing is written yet."""
+
+    run: Run
+    data: Data
+    engine: Engine
+    state: TrainState
+    checkpointer: Checkpointer
+    resumed: Path | None  # the checkpoint restored from
+    base_lrs: list[float]  # every param group's peak lr, from the config (a checkpoint holds scheduled ones)
+
+
+def prepare(cfg: Config, dist_info: DistInfo) -> Prepared:
+    """Resolve the config for this launch, open the data, check that the plan fits the device's memory, build the
+    model and its engine, restore the latest checkpoint. Usage errors (and a checkpoint that does not fit) raise
+    here, before any write."""
+    run, device = resolve(cfg, dist_info.world_size, dist_info.device), dist_info.device
     data = open_data(cfg, dist_info)
     check_memory_fits(run, dist_info)
     engine = build_engine(run, build_model(run, data.vocab_size, device), dist_info)
-    base_lrs = [group["lr"] for group in engine.optimizer.param_groups]  # the config's peaks, before a resume
-    state = TrainState(data.train, device, dist_info.rank, dist_info.world_size, t.seed)
-    checkpointer, resumed = restore(run, engine, state, dist_info)  # one that does not fit: nothing written
-    log = start_run_dir(run, data, dist_info, resumed, state.step)
+    base_lrs = [group["lr"] for group in engine.optimizer.param_groups]
+    state = TrainState(data.train, device, dist_info.rank, dist_info.world_size, cfg.train.seed)
+    checkpointer, resumed = restore(run, engine, state, dist_info)
+    return Prepared(run, data, engine, state, checkpointer, resumed, base_lrs)
+
+
+def schedule_lrs(prepared: Prepared) -> float:
+    """Set every param group's lr for the next step (its peak times the schedule); the multiplier."""
+    t, optimizer = prepared.run.cfg.train, prepared.engine.optimizer
+    mult = lr_multiplier(
+        prepared.state.step, t.steps, t.schedule, t.warmup_ratio, t.min_lr_ratio, t.decay_ratio
+    )
+    for group, base in zip(optimizer.param_groups, prepared.base_lrs, strict=True):
+        group["lr"] = base * mult
+    return mult
+
+
+def train(cfg: Config, dist_info: DistInfo) -> dict[str, Any]:
+    """Train `cfg` on this process's rank; {"step", "loss", "run_dir"}. Usage errors raise before any write."""
+    prepared = prepare(cfg, dist_info)
+    run, data, engine, state, checkpointer = (
+        prepared.run, prepared.data, prepared.engine, prepared.state, prepared.checkpointer
+    )  # fmt: skip
+    device, t, base_lrs = dist_info.device, cfg.train, prepared.base_lrs
+    log = start_run_dir(run, data, dist_info, prepared.resumed, state.step)
     memory = MemoryTracker.from_config(cfg.metrics, engine, device, cfg.run_dir, log.info)
     loss = math.nan
     while state.step < t.steps:
-        mult = lr_multiplier(state.step, t.steps, t.schedule, t.warmup_ratio, t.min_lr_ratio, t.decay_ratio)
-        for group, base in zip(engine.optimizer.param_groups, base_lrs, strict=True):
-            group["lr"] = base * mult
+        mult = schedule_lrs(prepared)
         logging = log.is_log_step(state.step + 1)
         memory.begin(state.step + 1)
         with engine.health(logging) as health:
