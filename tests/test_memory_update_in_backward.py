@@ -39,7 +39,7 @@ def _run_plain(name: str, update_in_backward: bool, steps: int = 3) -> tuple[nn.
     return model, record
 
 
-@pytest.mark.parametrize("name", ["swan", "sinkgd", "adamw", "normuon"])
+@pytest.mark.parametrize("name", ["swan", "sinkgd", "adamw", "normuon", "muon", "auon", "hybrid_auon"])
 def test_plain_model_weights_equal_the_normal_step(name):
     initial = build_model(
         resolve(load_config(f"tiny_{name}.yaml", SHAPE), 1, "cpu"), 512, torch.device("cpu")
