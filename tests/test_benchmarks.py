@@ -1,19 +1,23 @@
 """The convergence benchmark: its grid extension (no processes), and end to end in --quick mode as a user runs
 it: real trainer runs, the markdown table and PNG plot, and a second invocation that skips a finished run and
-resumes an unfinished one."""
+resumes an unfinished one. The update-alignment diagnostic: its noise-free cosine, and end to end on a short run."""
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from statistics import fmean
 
 import pytest
+import torch
 
 from benchmarks.convergence import extension
+from benchmarks.update_alignment import BEST_LRS, cosine_to_mean
 from tests.processes import ROOT, run_command
 from tests.run_helpers import logged
 from trainer.config import load_config
+from trainer.schedule import lr_multiplier
 
 
 def test_grid_extends_beyond_the_edge_of_the_best_until_interior_or_the_limit() -> None:
@@ -103,3 +107,46 @@ def test_convergence_quick_writes_table_and_plot_and_resumes(tmp_path: Path) -> 
         return [line for line in md.splitlines() if not line.startswith(("Date:", "Command:"))]
 
     assert tables((out / "convergence_generated.md").read_text()) == tables(text)
+
+
+def test_cosine_to_the_mean_gradient_does_not_inherit_the_estimates_noise() -> None:
+    gen = torch.Generator().manual_seed(0)
+    mu = torch.randn(100_000, generator=gen, dtype=torch.float64)
+    g1, g2 = (mu + 3 * torch.randn(mu.shape, generator=gen, dtype=torch.float64) for _ in range(2))
+    naive = torch.nn.functional.cosine_similarity(mu, (g1 + g2) / 2, dim=0).item()
+    assert naive < 0.45  # 1 / sqrt(1 + 9 / 2): the half-means' noise
+    assert abs(cosine_to_mean(mu, g1, g2) - 1) < 0.05
+    assert abs(cosine_to_mean(-mu, g1, g2) + 1) < 0.05
+    across = torch.randn(mu.shape, generator=gen, dtype=torch.float64)
+    assert abs(cosine_to_mean(across, g1, g2)) < 0.05  # a direction unrelated to mu
+    assert math.isnan(cosine_to_mean(torch.zeros_like(mu), g1, g2))
+
+
+@pytest.mark.slow
+def test_update_alignment_measures_the_applied_step(tmp_path: Path) -> None:
+    out = tmp_path / "alignment.md"
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "update_alignment.py"),
+        "--optimizers=sinkgd,muon",
+        "--steps=24",
+        "--every=12",
+        "--at=12",
+        "--batches=4",
+        "--probes=1",
+        f"--runs-dir={tmp_path / 'runs'}",
+        f"--out={out}",
+        "--data.eval_sequences=8",
+        "--train.seq_len=32",
+    ]
+    done = run_command(cmd, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = [line for line in out.read_text().splitlines() if line.startswith("| ")][2:]  # below the header
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in lines}
+    assert set(rows) == {"sinkgd", "muon"} and rows["sinkgd"][1] == "12"
+    # SinkGD's direction has per-element RMS exactly 1: the measured step is lr x the schedule at step 12.
+    t = load_config("tiny_sinkgd").train
+    lr = BEST_LRS["sinkgd"] * lr_multiplier(12, 24, t.schedule, t.warmup_ratio, t.min_lr_ratio, t.decay_ratio)
+    assert float(rows["sinkgd"][7]) == pytest.approx(lr, rel=1e-2)
+    for cells in rows.values():
+        assert all(-1 <= float(c) <= 1 for c in cells[3:7])  # cosines
