@@ -18,10 +18,14 @@ on the plateau, what each rule does with the gradient it is given.
 Columns: cos(g, mu), how much a single batch's gradient points along the mean one (the noise the rule gets);
 cos(-D, mu), how much of the applied step goes downhill on the mean loss, over every hidden matrix and over the
 attention matrices (q, k, v, o: what must learn to look one token back); the step's RMS; and its first-order
-decrease of the mean loss, <mu, -D> (nats per step, the hidden matrices' share of the progress).
+decrease of the mean loss, <mu, -D> (nats per step, the hidden matrices' share of the progress), each the mean
+over the probe steps; and cos(-sum D, mu), the alignment of the probe steps' sum: how the steps add up (a rule
+whose steps zig-zag has a sum less aligned than its steps; one whose steps agree, more).
 
-    python benchmarks/update_alignment.py                      # 7 trainer runs + the probes, ~15 min on 2 cores
+    python benchmarks/update_alignment.py                      # 7 trainer runs + the probes, ~30 min on 2 cores
     python benchmarks/update_alignment.py --optimizers swan,muon --at 192,384
+    python benchmarks/update_alignment.py --optimizers muon --lrs muon=0.08 --optim.momentum=0 \
+        --runs-dir runs/update_alignment_momentum0 --out benchmarks/results/update_alignment_momentum0.md
 
 Any `--section.key=value` argument is passed to every run as a trainer config override. Resumable: a finished
 run is not trained again.
@@ -41,7 +45,7 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from benchmarks.convergence import GENERATED  # noqa: E402
+from benchmarks.convergence import GENERATED, made_elsewhere  # noqa: E402
 from benchmarks.trainer_runs import EXIT_OK, TrainerRun, launch, run_parallel  # noqa: E402
 from optim import route_parameters  # noqa: E402
 from trainer.checkpoint import latest_checkpoint  # noqa: E402
@@ -68,18 +72,23 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     parser.add_argument("--optimizers", default=",".join(BEST_LRS), help="comma-separated")
+    parser.add_argument("--lrs", default="", help="matrix lrs other than BEST_LRS: name=lr,...")
     parser.add_argument("--steps", type=int, default=768, help="steps per run (the protocol's 768)")
     parser.add_argument("--every", type=int, default=96, help="a checkpoint every N steps")
     parser.add_argument("--at", default="96,192,288,384", help="checkpoint steps to probe")
     parser.add_argument("--batches", type=int, default=128, help="batches for the mean gradient")
-    parser.add_argument("--probes", type=int, default=4, help="steps measured per checkpoint")
+    parser.add_argument("--probes", type=int, default=16, help="steps measured per checkpoint")
     parser.add_argument("--jobs", type=int, default=2, help="trainer runs at a time")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/update_alignment"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/update_alignment.md"))
     args, overrides = parse_args_and_overrides(parser, argv)
     args.optimizers = args.optimizers.split(",")
+    args.lrs = {
+        **BEST_LRS,
+        **{k: float(v) for k, v in (kv.split("=") for kv in filter(None, args.lrs.split(",")))},
+    }
     args.at = [int(s) for s in args.at.split(",")]
-    unknown = [o for o in args.optimizers if o not in BEST_LRS]
+    unknown = [o for o in [*args.optimizers, *args.lrs] if o not in BEST_LRS]
     if unknown or args.batches < 2 or any(s % args.every or s >= args.steps for s in args.at):
         parser.error(
             f"--optimizers from {', '.join(BEST_LRS)}; --batches >= 2; --at: multiples of --every below --steps"
@@ -88,7 +97,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 
 def trainer_run(optimizer: str, args: argparse.Namespace, overrides: list[str]) -> TrainerRun:
-    lr = BEST_LRS[optimizer]
+    lr = args.lrs[optimizer]
     return TrainerRun(
         f"tiny_{optimizer}",
         (
@@ -112,8 +121,11 @@ def trainer_run(optimizer: str, args: argparse.Namespace, overrides: list[str]) 
 
 
 def train_once(run: TrainerRun) -> None:
-    """Train the run to its end unless it has finished before (its final checkpoint exists)."""
+    """Train the run to its end unless it has finished before (its final checkpoint exists). A run directory
+    of other settings (another override under the same name) is an error, never probed as this one."""
     cfg = run.resolved()
+    if made_elsewhere(cfg):
+        raise SystemExit(f"{cfg.run_dir} was made with other settings: delete it or use another --runs-dir")
     final = latest_checkpoint(cfg.run_dir / "checkpoints")
     if final is not None and final.name == f"step_{cfg.train.steps:06d}":
         print(f"skip {cfg.train.run_name}: trained earlier", flush=True)
@@ -180,6 +192,7 @@ class Row:
     attention_cos: float
     update_rms: float
     descent: float
+    path_cos: float  # cos(-(sum of the probe steps' D), mu): how the steps add up
 
 
 def cosine_to_mean(u: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> float:
@@ -200,6 +213,7 @@ def probe(optimizer: str, step: int, run: TrainerRun, args: argparse.Namespace, 
     g1, g2 = (probe.mean_gradient(args.batches // 2, losses) for _ in range(2))
     mask = probe.mask()
     cols: dict[str, list[float]] = {k: [] for k in ("batch", "update", "attention", "rms", "descent")}
+    start = probe.weights()
     for _ in range(args.probes):
         schedule_lrs(prepared)
         g, _ = probe.gradient()
@@ -213,6 +227,7 @@ def probe(optimizer: str, step: int, run: TrainerRun, args: argparse.Namespace, 
         cols["rms"].append(step_down.norm().item() / math.sqrt(step_down.numel()))
         cols["descent"].append(torch.dot(step_down, (g1 + g2) / 2).item())
     mean = {k: sum(v) / len(v) for k, v in cols.items()}
+    path = cosine_to_mean(start - probe.weights(), g1, g2)
     return Row(
         optimizer,
         step,
@@ -223,13 +238,14 @@ def probe(optimizer: str, step: int, run: TrainerRun, args: argparse.Namespace, 
         mean["attention"],
         mean["rms"],
         mean["descent"],
+        path,
     )
 
 
 def table(rows: list[Row]) -> str:
     header = [
         "optimizer", "step", "train loss", "cos(G1, G2)", "cos(g, mu)", "cos(-D, mu)",
-        "cos(-D, mu) attention", "update RMS", "<mu, -D> per step",
+        "cos(-D, mu) attention", "update RMS", "<mu, -D> per step", "cos(-sum D, mu)",
     ]  # fmt: skip
     cells = [
         [
@@ -242,6 +258,7 @@ def table(rows: list[Row]) -> str:
             f"{r.attention_cos:.3f}",
             f"{r.update_rms:.2e}",
             f"{r.descent:.2e}",
+            f"{r.path_cos:.3f}",
         ]  # fmt: skip
         for r in rows
     ]
@@ -264,7 +281,8 @@ def main(argv: list[str] | None = None) -> None:
     text = (
         f"Command: `{command.strip()}`\n"
         f"Setting: llama_tiny, order-2 generated corpus over 64 tokens, 16 x 128 tokens per step, {args.steps} "
-        f"steps, matrix lr at each optimizer's best of convergence_generated.md, embedding/head/norms at {REST_LR}; "
+        f"steps, matrix lrs {', '.join(f'{o} {args.lrs[o]:g}' for o in args.optimizers)}, embedding/head/norms at "
+        f"{REST_LR}; "
         f"mean gradient from {args.batches} batches, {args.probes} probe steps per checkpoint; "
         f"{time.perf_counter() - started:.0f} s.\n\n{table(rows)}\n"
     )
