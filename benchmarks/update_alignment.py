@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from benchmarks.convergence import GENERATED, made_elsewhere  # noqa: E402
 from benchmarks.trainer_runs import EXIT_OK, TrainerRun, launch, run_parallel  # noqa: E402
 from optim import route_parameters  # noqa: E402
-from trainer.checkpoint import latest_checkpoint  # noqa: E402
+from trainer.checkpoint import latest_checkpoint, step_dir_name  # noqa: E402
 from trainer.config import parse_args_and_overrides  # noqa: E402
 from trainer.distributed import DistInfo, init_distributed  # noqa: E402
 from trainer.train import Prepared, prepare, schedule_lrs  # noqa: E402
@@ -127,7 +127,7 @@ def train_once(run: TrainerRun) -> None:
     if made_elsewhere(cfg):
         raise SystemExit(f"{cfg.run_dir} was made with other settings: delete it or use another --runs-dir")
     final = latest_checkpoint(cfg.run_dir / "checkpoints")
-    if final is not None and final.name == f"step_{cfg.train.steps:06d}":
+    if final is not None and final.name == step_dir_name(cfg.train.steps):
         print(f"skip {cfg.train.run_name}: trained earlier", flush=True)
         return
     started = time.perf_counter()
@@ -205,7 +205,7 @@ def cosine_to_mean(u: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> float
 
 def probe(optimizer: str, step: int, run: TrainerRun, args: argparse.Namespace, dist_info: DistInfo) -> Row:
     """Restore `run` at `step`, estimate the mean gradient, take --probes steps; one table row."""
-    checkpoint = run.resolved().run_dir / "checkpoints" / f"step_{step:06d}"
+    checkpoint = run.resolved().run_dir / "checkpoints" / step_dir_name(step)
     restored = TrainerRun(run.config, (*run.overrides, f"--checkpoint.resume_from={checkpoint}"))
     prepared = prepare(restored.resolved(), dist_info)
     probe = Probe(prepared)
