@@ -43,7 +43,6 @@ and param groups with `algorithm="adamw"` are stepped by torch's AdamW inside th
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -54,6 +53,7 @@ from optim.base import MatrixOptimizer, step_params
 from optim.health import track_health
 from optim.muon import Muon
 from optim.normuon import NorMuon
+from optim.options import check_config
 from optim.routing import route_parameters
 from optim.sinkgd import SinkGD
 from optim.swan import SWAN
@@ -68,37 +68,25 @@ OPTIMIZERS: dict[str, type[MatrixOptimizer]] = {
 }
 # Every name `optim.name` accepts: the AdamW baseline and the matrix rules.
 OPTIMIZER_NAMES: tuple[str, ...] = ("adamw", *OPTIMIZERS)
-# Config fields that configure the matrix rule (None = the optimizer's default), and the argument they set.
-RULE_OPTIONS = {
-    "momentum": "momentum",
-    "nesterov": "nesterov",
-    "ns_steps": "ns_steps",
-    "ns_dtype": "ns_dtype",
-    "variant": "variant",
-    "whitening": "whitening",
-    "sinkgd_iters": "iters",
-    "comm_dtype": "comm_dtype",
-    "ns_coefficients": "ns_coefficients",
-    "ns_form": "ns_form",
-}
+# Every config key that sets a matrix rule's option (optim.<key>; None = the rule's default), from the rules'
+# own declarations (optim/options.py).
+RULE_OPTIONS: tuple[str, ...] = tuple(
+    dict.fromkeys(option.key for cls in OPTIMIZERS.values() for option in cls.options)
+)
 
 
-def _rule_kwargs(cfg: Any, name: str, accepted: set[str]) -> dict[str, Any]:
-    """Constructor kwargs from the config's set rule options; ValueError for one the optimizer lacks.
+def check_options(cfg: Any) -> None:
+    """ValueError naming `optim.<key>` for a rule option `cfg.name` does not take or a value it does not allow
+    (cfg: the trainer's OptimConfig). The config loader calls it, so a bad option never reaches a run."""
+    if cfg.name not in OPTIMIZER_NAMES:
+        raise ValueError(f"optim.name: unknown optimizer {cfg.name!r}; known: {', '.join(OPTIMIZER_NAMES)}")
+    rule = OPTIMIZERS.get(cfg.name)
+    check_config(cfg.name, rule.options if rule else (), RULE_OPTIONS, cfg)
 
-    comm_dtype is passed where the optimizer has it and ignored where it has none (SinkGD, AuON and AdamW
-    never gather a matrix): it is a setting of the distribution layer, not of the rule.
-    """
-    kwargs = {}
-    for field, arg in RULE_OPTIONS.items():
-        value = getattr(cfg, field, None)
-        if value is None:
-            continue
-        if arg in accepted:
-            kwargs[arg] = value
-        elif field != "comm_dtype":
-            raise ValueError(f"optimizer {name!r} has no option {field!r}")
-    return kwargs
+
+def _rule_kwargs(cfg: Any, rule: type[MatrixOptimizer]) -> dict[str, Any]:
+    """The constructor arguments of `rule` that the config sets."""
+    return {o.arg: getattr(cfg, o.key) for o in rule.options if getattr(cfg, o.key, None) is not None}
 
 
 def build_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
@@ -110,11 +98,11 @@ def build_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
     matrix rule over route_parameters(model)'s hidden matrices (lr, weight_decay and the set rule options),
     plus an algorithm="adamw" group for the rest (adamw_lr / adamw_weight_decay, None = lr / weight_decay).
     """
+    check_options(cfg)
     betas = (cfg.beta1, cfg.beta2)
     rest_lr = cfg.lr if cfg.adamw_lr is None else cfg.adamw_lr
     rest_wd = cfg.weight_decay if cfg.adamw_weight_decay is None else cfg.adamw_weight_decay
     if cfg.name == "adamw":
-        _rule_kwargs(cfg, "adamw", set())
         params = [p for p in model.parameters() if p.requires_grad]
         if cfg.adamw_lr is None and cfg.adamw_weight_decay is None:
             return torch.optim.AdamW(
@@ -131,10 +119,8 @@ def build_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
             eps=cfg.eps,
             weight_decay=cfg.weight_decay,
         )
-    if cfg.name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {cfg.name!r}; known: {', '.join(OPTIMIZER_NAMES)}")
     cls = OPTIMIZERS[cfg.name]
-    kwargs = _rule_kwargs(cfg, cfg.name, set(inspect.signature(cls.__init__).parameters))
+    kwargs = _rule_kwargs(cfg, cls)
     matrices, others = route_parameters(model)
     groups: list[dict[str, Any]] = [{"params": matrices}] if matrices else []
     if others:
@@ -165,6 +151,7 @@ __all__ = [
     "NorMuon",
     "SinkGD",
     "build_optimizer",
+    "check_options",
     "route_parameters",
     "step_params",
     "track_health",

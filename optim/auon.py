@@ -17,13 +17,13 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from optim.base import MatrixOptimizer, MatrixSlot, check_choice
+from optim.base import MatrixOptimizer, MatrixSlot
 from optim.newton_schulz import NS5_EPS
+from optim.options import MOMENTUM, NESTEROV, NEWTON_SCHULZ, VARIANT
 from optim.sharded import all_reduce_sums
 
 COSH_EPS = 1e-8
 COSH_GAMMA = 1.5  # reference_code: the cosh's argument is gamma X / (|X|_F + 1e-7) (the code's `gamma`)
-VARIANTS = ("paper", "reference_code")
 DEFAULT_LR = {"paper": 0.24, "reference_code": 0.08}
 DEFAULT_NS = {"paper": (1, "bfloat16"), "reference_code": (5, "float32")}  # HybridAuON: ns_steps, ns_dtype
 
@@ -48,6 +48,7 @@ class AuON(MatrixOptimizer):
     """
 
     algorithm = "auon"
+    options = (VARIANT, MOMENTUM, NESTEROV)
 
     def __init__(
         self,
@@ -58,7 +59,8 @@ class AuON(MatrixOptimizer):
         weight_decay: float = 0.0,
         variant: str = "paper",
     ) -> None:
-        self.variant = check_choice(variant, VARIANTS, f"{type(self).__name__} variant")
+        self.check_arguments(variant=variant, momentum=momentum, nesterov=nesterov)
+        self.variant = variant
         defaults = {
             "lr": DEFAULT_LR[variant] if lr is None else lr,
             "momentum": momentum,
@@ -119,6 +121,7 @@ class HybridAuON(AuON):
 
     algorithm = "hybrid_auon"
     reports_orthogonality = True
+    options = (*AuON.options, *NEWTON_SCHULZ)
 
     def __init__(
         self,
@@ -132,7 +135,8 @@ class HybridAuON(AuON):
         ns_dtype: str | torch.dtype | None = None,
         comm_dtype: str | torch.dtype | None = None,
     ) -> None:
-        steps, dtype = DEFAULT_NS[check_choice(variant, VARIANTS, f"{type(self).__name__} variant")]
+        self.check_arguments(variant=variant, ns_steps=ns_steps, ns_dtype=ns_dtype, comm_dtype=comm_dtype)
+        steps, dtype = DEFAULT_NS[variant]
         self._configure_newton_schulz(
             steps if ns_steps is None else ns_steps, dtype if ns_dtype is None else ns_dtype, comm_dtype
         )

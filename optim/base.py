@@ -22,13 +22,8 @@ from torch import Tensor
 from torch.optim.adamw import adamw as functional_adamw
 
 from optim.health import HealthTracker, StepHealth, shard_groups
-from optim.newton_schulz import (
-    NS_COEFFICIENTS,
-    NS_FORMS,
-    newton_schulz5,
-    ns5_flops,
-    orthogonality_error,
-)
+from optim.newton_schulz import newton_schulz5, ns5_flops, orthogonality_error
+from optim.options import Option, check_arguments
 from optim.sharded import (
     OVERLAP_BUCKETS,
     FlatLayout,
@@ -36,6 +31,7 @@ from optim.sharded import (
     ShardInfo,
     apply_to_whole_matrices,
     local,
+    math_dtype,
     shard_info,
 )
 
@@ -51,12 +47,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, name: str) -> torch.dtype | N
     if isinstance(dtype, str) and dtype in _DTYPES:
         return _DTYPES[dtype]
     raise ValueError(f"{name} must be one of {', '.join(_DTYPES)}; got {dtype!r}")
-
-
-def check_choice(value: str, choices: tuple[str, ...], name: str) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
-    return value
 
 
 def guarded_ratio(num: Tensor | float, den: Tensor) -> Tensor:
@@ -143,6 +133,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
     """
 
     algorithm: str = ""  # the matrix rule's name, stored in its param groups
+    options: tuple[Option, ...] = ()  # what the rule takes, checked by its constructor and the config
     reports_orthogonality: bool = False  # NS-based rules report orth_error
     # A step handles its matrices in chunks of at most this many fp32 bytes of (per-rank) row blocks, so the rule's
     # temporaries (normalized / whitened copies, Newton-Schulz inputs) exist for one chunk at a time instead of for
@@ -153,6 +144,11 @@ class MatrixOptimizer(torch.optim.Optimizer):
     overlap_buckets: int = OVERLAP_BUCKETS
     # TF32 for the whole-matrix iterations' fp32 matmuls on CUDA (optim.ns_tf32; no effect on CPU)
     ns_tf32: bool = False
+
+    @classmethod
+    def check_arguments(cls, **values: Any) -> None:
+        """ValueError (one line) for a constructor argument outside the rule's option declarations."""
+        check_arguments(cls.__name__, cls.options, values)
 
     def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
         self._tracker: HealthTracker | None = None
@@ -376,9 +372,10 @@ class MatrixOptimizer(torch.optim.Optimizer):
         )
 
     def _state(self, slot: MatrixSlot, key: str) -> Tensor:
-        """Local block of an fp32 state tensor shaped (and placed) like the parameter, created as zeros."""
+        """Local block of a state tensor shaped (and placed) like the parameter, in its math dtype (fp32 for
+        fp32 and bf16 parameters), created as zeros."""
         if key not in slot.state:
-            slot.state[key] = torch.zeros_like(slot.param, dtype=torch.float32)
+            slot.state[key] = torch.zeros_like(slot.param, dtype=math_dtype(slot.param))
         return local(slot.state[key])
 
     def _configure_newton_schulz(
@@ -395,17 +392,16 @@ class MatrixOptimizer(torch.optim.Optimizer):
         self.ns_steps = ns_steps
         self.ns_dtype = resolve_dtype(ns_dtype, "ns_dtype")
         self.comm_dtype = resolve_dtype(comm_dtype, "comm_dtype") or self.ns_dtype
-        self.ns_coefficients = check_choice(ns_coefficients, NS_COEFFICIENTS, "ns_coefficients")
-        self.ns_form = check_choice(ns_form, NS_FORMS, "ns_form")
+        self.ns_coefficients, self.ns_form = ns_coefficients, ns_form
 
     def _momentum_inputs(self, slots: list[MatrixSlot], nesterov: list[bool]) -> list[Tensor]:
-        """M <- mu M + (1 - mu) G (fp32 state, local rows, mu = the group's momentum); the matrix function's
-        input is (1 - mu) G + mu M with Nesterov (as in Muon), else M."""
+        """M <- mu M + (1 - mu) G (state in the math dtype, local rows, mu = the group's momentum); the matrix
+        function's input is (1 - mu) G + mu M with Nesterov (as in Muon), else M."""
         inputs = []
         for slot, use_nesterov in zip(slots, nesterov, strict=True):
             mu = slot.group["momentum"]
             buf = self._state(slot, "momentum_buffer")
-            grad = slot.grad.float()
+            grad = slot.grad.to(buf.dtype)
             buf.lerp_(grad, 1 - mu)
             inputs.append(grad.lerp(buf, mu) if use_nesterov else buf)
         return inputs

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 import torch
 
 from optim.base import MatrixOptimizer, MatrixSlot
+from optim.options import MOMENTUM, NESTEROV, NEWTON_SCHULZ, NS5_POLYNOMIALS
 
 
 class Muon(MatrixOptimizer):
@@ -26,6 +27,7 @@ class Muon(MatrixOptimizer):
 
     algorithm = "muon"
     reports_orthogonality = True
+    options = (MOMENTUM, NESTEROV, *NEWTON_SCHULZ, *NS5_POLYNOMIALS)
 
     def __init__(
         self,
@@ -40,6 +42,15 @@ class Muon(MatrixOptimizer):
         ns_coefficients: str = "keller",
         ns_form: str = "standard",
     ) -> None:
+        self.check_arguments(
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_steps=ns_steps,
+            ns_dtype=ns_dtype,
+            comm_dtype=comm_dtype,
+            ns_coefficients=ns_coefficients,
+            ns_form=ns_form,
+        )
         self._configure_newton_schulz(ns_steps, ns_dtype, comm_dtype, ns_coefficients, ns_form)
         defaults = {"lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay}
         super().__init__(params, defaults)

@@ -8,10 +8,10 @@ from collections.abc import Iterable
 
 import torch
 
-from optim.base import MatrixOptimizer, MatrixSlot, check_choice, guarded_ratio
+from optim.base import MatrixOptimizer, MatrixSlot, guarded_ratio
+from optim.options import MOMENTUM, NEWTON_SCHULZ, NS5_POLYNOMIALS, VARIANT
 from optim.sharded import all_reduce_sums, local, zeros_rows_like
 
-VARIANTS = ("paper", "reference_code")
 DEFAULT_LR = {"paper": 1e-3, "reference_code": 0.02}
 
 
@@ -40,6 +40,7 @@ class NorMuon(MatrixOptimizer):
 
     algorithm = "normuon"
     reports_orthogonality = True
+    options = (VARIANT, MOMENTUM, *NEWTON_SCHULZ, *NS5_POLYNOMIALS)
 
     def __init__(
         self,
@@ -56,7 +57,16 @@ class NorMuon(MatrixOptimizer):
         ns_coefficients: str = "keller",
         ns_form: str = "standard",
     ) -> None:
-        self.variant = check_choice(variant, VARIANTS, "NorMuon variant")
+        self.check_arguments(
+            variant=variant,
+            momentum=momentum,
+            ns_steps=ns_steps,
+            ns_dtype=ns_dtype,
+            comm_dtype=comm_dtype,
+            ns_coefficients=ns_coefficients,
+            ns_form=ns_form,
+        )
+        self.variant = variant
         self._configure_newton_schulz(ns_steps, ns_dtype, comm_dtype, ns_coefficients, ns_form)
         defaults = {
             "lr": DEFAULT_LR[variant] if lr is None else lr,

@@ -141,10 +141,17 @@ def shard_info(t: Tensor) -> ShardInfo:
     return info
 
 
+def math_dtype(t: Tensor) -> torch.dtype:
+    """The dtype of a rule's state and elementwise math for parameter `t`: fp32, or `t`'s own when wider (float64
+    parameters keep float64 throughout, which is how a sharded run is compared with one process to float64
+    rounding)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
 def zeros_rows_like(p: Tensor) -> Tensor:
-    """fp32 zeros of length m (one per row of p), sharded like p's rows: a per-row optimizer state."""
+    """Zeros of length m (one per row of p) in p's math dtype, sharded like p's rows: a per-row optimizer state."""
     info = shard_info(p)
-    block = torch.zeros(local(p).shape[0], dtype=torch.float32, device=local(p).device)
+    block = torch.zeros(local(p).shape[0], dtype=math_dtype(p), device=local(p).device)
     if not isinstance(p, DTensor):
         return block
     return DTensor.from_local(

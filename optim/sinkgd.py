@@ -6,7 +6,8 @@ import math
 from collections.abc import Iterable
 
 from optim.base import MatrixOptimizer, MatrixSlot
-from optim.sharded import all_reduce_sums
+from optim.options import Option
+from optim.sharded import all_reduce_sums, math_dtype
 
 NORM_EPS = 1e-8
 
@@ -24,15 +25,15 @@ class SinkGD(MatrixOptimizer):
     """
 
     algorithm = "sinkgd"
+    options = (Option("sinkgd_iters", "iters", minimum=1, why="0 iterations would apply the raw gradient"),)
 
     def __init__(self, params: Iterable, lr: float = 1e-3, iters: int = 5, weight_decay: float = 0.0) -> None:
-        if iters < 1:
-            raise ValueError(f"SinkGD iters must be >= 1, got {iters}")
+        self.check_arguments(iters=iters)
         self.iters = iters
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
 
     def _matrix_step(self, slots: list[MatrixSlot]) -> None:
-        xs = [s.grad.float().clone() for s in slots]
+        xs = [s.grad.to(math_dtype(s.grad), copy=True) for s in slots]
         infos = [s.info for s in slots]
         for _ in range(self.iters):
             for slot, x in zip(slots, xs, strict=True):

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 import torch
 
-from optim.base import MatrixOptimizer, MatrixSlot, check_choice
+from optim.base import MatrixOptimizer, MatrixSlot
 from optim.newton_schulz import (
     coupled_adaptive,
     coupled_flops,
@@ -15,6 +15,8 @@ from optim.newton_schulz import (
     newton_schulz5,
     ns5_flops,
 )
+from optim.options import NEWTON_SCHULZ, Option
+from optim.sharded import math_dtype
 
 # whitening -> (the whole-matrix function, its FLOPs per matrix, default steps, default dtype)
 WHITENING = {
@@ -46,6 +48,7 @@ class SWAN(MatrixOptimizer):
 
     algorithm = "swan"
     reports_orthogonality = True
+    options = (Option("whitening", "whitening", choices=WHITENINGS), *NEWTON_SCHULZ)
 
     def __init__(
         self,
@@ -58,7 +61,8 @@ class SWAN(MatrixOptimizer):
         ns_dtype: str | torch.dtype | None = None,
         comm_dtype: str | torch.dtype | None = None,
     ) -> None:
-        self.whitening = check_choice(whitening, WHITENINGS, "SWAN whitening")
+        self.check_arguments(whitening=whitening, ns_steps=ns_steps, ns_dtype=ns_dtype, comm_dtype=comm_dtype)
+        self.whitening = whitening
         _, _, steps, dtype = WHITENING[whitening]
         self._configure_newton_schulz(
             ns_steps if ns_steps is not None else steps,
@@ -73,7 +77,7 @@ class SWAN(MatrixOptimizer):
     def _matrix_step(self, slots: list[MatrixSlot]) -> None:
         normalized = []
         for slot in slots:
-            grad = slot.grad.float()
+            grad = slot.grad.to(math_dtype(slot.grad))
             centered = grad - grad.mean(dim=1, keepdim=True)
             # population std, written out: torch.std warns on a rank's empty (0-row) block
             std = centered.square().mean(dim=1, keepdim=True).sqrt()

@@ -53,6 +53,14 @@ def test_torchrun_two_processes_trains_logs_and_checkpoints(tmp_path: Path) -> N
         (["--config", "tiny_adamw.yaml", "--train.steps=x"], "error: train.steps: expected int, got str"),
         (["--config", "nope.yaml"], "error: config file not found: nope.yaml"),
         (["--config", "tiny_adamw.yaml", "--data.source=missing.jsonl"], "error: data.source: no such file"),
+        (
+            ["--config", "tiny_auon.yaml", "--optim.variant=bogus"],
+            "error: optim.variant: 'bogus' is not one of",
+        ),
+        (
+            ["--config", "tiny_normuon.yaml", "--optim.ns_steps=0"],
+            "error: optim.ns_steps: must be >= 1, got 0",
+        ),
         pytest.param(
             ["--config", "tiny_adamw.yaml", "--parallel.device=cuda"],
             "error: parallel.device=cuda but CUDA is not available",

@@ -24,7 +24,7 @@ def test_bare_name_path_and_suffixless_name_resolve_the_same() -> None:
 
 def test_overrides_both_spellings_and_types() -> None:
     cfg = load_config(
-        "tiny_adamw.yaml",
+        "tiny_muon.yaml",
         ["--optim.lr=0.01", "--train.steps", "7", "--parallel.compile=true", "--optim.ns_steps", "3"],
     )
     assert cfg.optim.lr == 0.01 and cfg.train.steps == 7 and cfg.parallel.compile is True
@@ -52,6 +52,30 @@ def test_overrides_both_spellings_and_types() -> None:
         (["--train.run_name=a/b"], "train.run_name: must be a plain directory name"),
         (["steps=3"], "unexpected argument 'steps=3'"),
         (["--train.steps"], "has no value"),
+        # every matrix-rule option is checked against the rule's own declaration (optim/options.py)
+        (
+            ["--optim.name=auon", "--optim.variant=bogus"],
+            "optim.variant: 'bogus' is not one of paper, reference_code",
+        ),
+        (["--optim.name=swan", "--optim.whitening=nope"], "optim.whitening: 'nope' is not one of coupled,"),
+        (["--optim.name=sinkgd", "--optim.sinkgd_iters=-3"], "optim.sinkgd_iters: must be >= 1, got -3"),
+        (["--optim.name=sinkgd", "--optim.sinkgd_iters=0"], "optim.sinkgd_iters: must be >= 1, got 0"),
+        (["--optim.name=normuon", "--optim.ns_steps=0"], "optim.ns_steps: must be >= 1, got 0"),
+        (["--optim.name=swan", "--optim.ns_steps=0"], "optim.ns_steps: must be >= 1, got 0"),
+        (["--optim.name=muon", "--optim.momentum=1"], "optim.momentum: must be >= 0.0 and < 1.0, got 1.0"),
+        (
+            ["--optim.name=muon", "--optim.ns_dtype=float16"],
+            "optim.ns_dtype: 'float16' is not one of bfloat16",
+        ),
+        (["--optim.name=normuon", "--optim.comm_dtype=int8"], "optim.comm_dtype: 'int8' is not one of"),
+        (
+            ["--optim.name=muon", "--optim.ns_coefficients=x"],
+            "optim.ns_coefficients: 'x' is not one of keller",
+        ),
+        (["--optim.name=normuon", "--optim.ns_form=dense"], "optim.ns_form: 'dense' is not one of standard"),
+        (["--optim.name=sinkgd", "--optim.ns_form=gram"], "optim.ns_form: sinkgd has no such option"),
+        (["--optim.name=auon", "--optim.comm_dtype=float32"], "optim.comm_dtype: auon has no such option"),
+        (["--optim.name=adamw", "--optim.momentum=0.9"], "optim.momentum: adamw has no such option"),
     ],
 )
 def test_bad_input_is_a_one_line_error_naming_the_key(overrides, fragment) -> None:
@@ -78,7 +102,7 @@ def test_missing_config_file_and_invalid_yaml(tmp_path: Path) -> None:
 
 
 def test_resolved_config_round_trips(tmp_path: Path) -> None:
-    cfg = load_config("tiny_adamw.yaml", ["--optim.lr=0.02", "--optim.variant=paper"])
+    cfg = load_config("tiny_normuon.yaml", ["--optim.lr=0.02", "--optim.variant=paper"])
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(str(tmp_path / "config.yaml")).to_dict() == cfg.to_dict()
 

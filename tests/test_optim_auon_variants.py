@@ -130,7 +130,7 @@ def test_defaults_follow_the_variant():
 @pytest.mark.parametrize("cls", [AuON, HybridAuON])
 def test_unknown_variant_raises(cls):
     p = [torch.nn.Parameter(torch.ones(3, 4))]
-    with pytest.raises(ValueError, match=r"variant must be one of paper, reference_code; got 'reference'"):
+    with pytest.raises(ValueError, match=r"variant: 'reference' is not one of paper, reference_code"):
         cls(p, variant="reference")
 
 

@@ -121,8 +121,28 @@ def test_build_passes_rule_options():
     ],
 )
 def test_build_rejects_options_the_optimizer_lacks(name, option, value):
-    with pytest.raises(ValueError, match=f"{name}.*{option}"):
+    with pytest.raises(ValueError, match=f"optim.{option}: {name} has no such option"):
         build_optimizer(OptimConfig(name=name, **{option: value}), Llama(TINY))
+
+
+@pytest.mark.parametrize(
+    ("factory", "message"),
+    [
+        (lambda p: SinkGD(p, iters=0), "SinkGD iters: must be >= 1, got 0"),
+        (lambda p: Muon(p, ns_steps=0), "Muon ns_steps: must be >= 1, got 0"),
+        (lambda p: Muon(p, momentum=1.0), "Muon momentum: must be >= 0.0 and < 1.0"),
+        (
+            lambda p: NorMuon(p, variant="bogus"),
+            "NorMuon variant: 'bogus' is not one of paper, reference_code",
+        ),
+        (lambda p: SWAN(p, whitening="nope"), "SWAN whitening: 'nope' is not one of coupled"),
+        (lambda p: SWAN(p, ns_dtype=torch.float16), "SWAN ns_dtype: 'float16' is not one of"),
+    ],
+)
+def test_constructors_check_the_same_declarations(factory, message):
+    """A rule built by hand is held to the declarations the config check reads (optim/options.py)."""
+    with pytest.raises(ValueError, match=message):
+        factory([nn.Parameter(torch.zeros(4, 3))])
 
 
 def test_build_rejects_unknown_name():

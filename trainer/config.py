@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from optim import OPTIMIZER_NAMES
+from optim import OPTIMIZER_NAMES, check_options
 from trainer.data.sources import is_local_source
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -122,19 +122,21 @@ class OptimConfig:
     beta1: float = checked(0.9, unit_interval)
     beta2: float = checked(0.999, unit_interval)
     eps: float = 1e-8
-    momentum: float | None = None  # None everywhere below = the optimizer's default (docs/optimizers.md)
+    # The matrix rule's options. None = the rule's default; a key the rule does not take, or a value it does not
+    # allow, is refused when the config is loaded (the rules declare them: optim/options.py, docs/optimizers.md).
+    momentum: float | None = None
     nesterov: bool | None = None
     ns_steps: int | None = None
-    ns_dtype: str | None = checked(None, one_of("bfloat16", "float32"))
-    # NS5's polynomials (muon, normuon): None = keller (Keller Jordan's fixed one) | polar_express (per iteration)
-    ns_coefficients: str | None = checked(None, one_of("keller", "polar_express"))
-    # NS5 on the p x p Gram matrix where that costs fewer FLOPs (muon, normuon): None = standard | gram
-    ns_form: str | None = checked(None, one_of("standard", "gram"))
-    variant: str | None = None
-    whitening: str | None = None
+    ns_dtype: str | None = None  # bfloat16 | float32 | float64
+    # NS5's polynomials (muon, normuon): keller (Keller Jordan's fixed one) | polar_express (per iteration)
+    ns_coefficients: str | None = None
+    # NS5 on the p x p Gram matrix where that costs fewer FLOPs (muon, normuon): standard | gram
+    ns_form: str | None = None
+    variant: str | None = None  # normuon, auon, hybrid_auon: paper | reference_code
+    whitening: str | None = None  # swan: coupled | coupled_adaptive | ns5
     sinkgd_iters: int | None = None
     # dtype of row shards sent to Newton-Schulz owners; None = ns_dtype
-    comm_dtype: str | None = checked(None, one_of("bfloat16", "float32"))
+    comm_dtype: str | None = None
     # rounds the owner exchange is cut into, each round's transfers overlapping the next one's compute; 1 = one
     # all-to-all each way (the numbers are the same bits either way)
     overlap_buckets: int = checked(4, positive)
@@ -281,13 +283,18 @@ def _set(cfg: Config, key: str, value: Any, where: str) -> None:
 
 
 def _validate(cfg: Config, where: str) -> None:
-    """Run every field's own check (cross-field checks: trainer/resolve.py)."""
+    """Run every field's own check, then the optimizer's option declarations (cross-field checks of the launch:
+    trainer/resolve.py)."""
     for key, f in _fields().items():
         check = f.metadata.get("check")
         section, name = key.split(".")
         problem = check(getattr(getattr(cfg, section), name)) if check else None
         if problem:
             raise ConfigError(f"{key}: {problem} ({where})")
+    try:
+        check_options(cfg.optim)
+    except ValueError as err:
+        raise ConfigError(f"{err} ({where})") from None
 
 
 def parse_args_and_overrides(
