@@ -164,14 +164,17 @@ def adamw_update(state: dict, group: dict) -> Tensor:
     )
 
 
-def adamw_update_sums(weights_and_states: Iterable[tuple[Tensor, dict]], group: dict) -> Tensor:
-    """[|last update|^2, |W|^2] (float64, local blocks) of AdamW's last step over (weight, state) pairs of one
-    param group, the update recomputed from the state (adamw_update); |W| is the weight after that step (the one
-    before is gone). Also what DeepSpeed's flat ZeRO partitions are measured with."""
-    sums = torch.zeros(2, dtype=torch.float64)
+def adamw_update_sums(
+    weights_and_states: Iterable[tuple[Tensor, dict]], group: dict, device: torch.device
+) -> Tensor:
+    """[|last update|^2, |W|^2] (float64 on `device`, the weights' device: no host read per parameter) of AdamW's
+    last step over (weight, state) pairs of one param group, the update recomputed from the state
+    (adamw_update); |W| is the weight after that step (the one before is gone). Also what DeepSpeed's flat ZeRO
+    partitions are measured with."""
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
     for weight, state in weights_and_states:
         update = adamw_update(state, group)
-        sums += torch.stack([update.square().sum(), local(weight).double().square().sum()]).cpu()
+        sums += torch.stack([update.square().sum(), local(weight).double().square().sum()])
     return sums
 
 
@@ -189,12 +192,12 @@ class AdamWHealth:
         params = [p for g in opt.param_groups for p in g["params"] if opt.state.get(p)]
         if not params:
             return {}
+        device = local(params[0]).device
         sums = sum(
-            adamw_update_sums(((p, opt.state[p]) for p in g["params"] if opt.state.get(p)), g)
+            adamw_update_sums(((p, opt.state[p]) for p in g["params"] if opt.state.get(p)), g, device)
             for g in opt.param_groups
         )
-        device = local(params[0]).device
-        total = all_reduce_sum(sums.to(device), shard_groups(params)[0])
+        total = all_reduce_sum(sums, shard_groups(params)[0])
         out = health_numbers(*total.tolist(), sum(p.numel() for p in params))
         probe = next(
             ((p, g) for g in opt.param_groups for p in g["params"] if p.ndim == 2 and opt.state.get(p)), None

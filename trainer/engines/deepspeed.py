@@ -187,7 +187,7 @@ class DeepSpeedEngine:
             from deepspeed.runtime.utils import combine_grad_norm_groups
 
             norm = combine_grad_norm_groups(opt._get_norm_groups())
-        norm = torch.as_tensor(norm, dtype=torch.float32)
+        norm = torch.as_tensor(norm, dtype=torch.float32, device=self.device)
         return torch.where(norm < 0, math.nan, norm)  # DeepSpeed reports a non-finite norm as -1
 
     def step(self) -> None:
@@ -294,13 +294,12 @@ class PartitionedAdamWHealth:
         groups, state = self.optimizer.param_groups, self.optimizer.state
         if any(g["params"] for g in groups):  # ZeRO-1/2: each group holds this rank's flat partition
             pairs = [((p, state[p]) for p in g["params"] if p in state) for g in groups]
-            sums = sum(adamw_update_sums(pair, g) for pair, g in zip(pairs, groups, strict=True))
+            sums = sum(adamw_update_sums(pair, g, self.device) for pair, g in zip(pairs, groups, strict=True))
         elif (
             len(groups) == 1
         ):  # ZeRO-3 empties the groups between steps: the partitions are only in the state
-            sums = adamw_update_sums(state.items(), groups[0])
+            sums = adamw_update_sums(state.items(), groups[0], self.device)
         else:  # ZeRO-3 with optim.adamw_lr's two groups: no way back from a partition to its group's lr
             return {}
-        sums = sums.to(self.device)
         dist.all_reduce(sums)
         return health_numbers(*sums.tolist(), self.numel)
