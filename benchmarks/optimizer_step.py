@@ -44,7 +44,7 @@ ELEMENTWISE = {"adamw": 12, "muon": 8, "swan": 8, "sinkgd": 32, "normuon": 13, "
 
 
 def layer_shapes(model: str) -> list[tuple[int, int]]:
-    cfg = model_config(model)
+    cfg = model_config(model, vocab_size=1)  # the hidden matrices do not depend on the vocabulary
     dim, ffn, kv = cfg.dim, cfg.intermediate_size, cfg.n_kv_heads * cfg.head_dim
     return [(dim, dim), (kv, dim), (kv, dim), (dim, dim), (ffn, dim), (ffn, dim), (dim, ffn)]
 
@@ -112,6 +112,68 @@ def time_step(opt: torch.optim.Optimizer, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def measure(
+    model: str = "llama_350m",
+    device: str = "cuda" if torch.cuda.is_available() else "cpu",
+    ns_dtype: str | None = None,
+    tf32: bool = False,
+    warmup: int = 2,
+    repeats: int = 7,
+    only: list[str] | None = None,
+) -> str:
+    """The benchmark's table (markdown, with a two-line heading) for one setting."""
+    dev = torch.device(device)
+    shapes = layer_shapes(model)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, device=dev, generator=gen) * 0.02) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, device=dev, generator=gen)
+    table = optimizers(ns_dtype)
+    names = ["adamw", *[n for n in table if n != "adamw" and (not only or n in only)]]
+    opts = {name: table[name][0](params) for name in names}
+    for opt in opts.values():
+        opt.ns_tf32 = tf32
+    precision = torch.get_float32_matmul_precision()
+    if tf32 and dev.type == "cuda":  # the orth_error column's directions too
+        torch.set_float32_matmul_precision("high")
+    try:
+        for _ in range(warmup):
+            for opt in opts.values():
+                opt.step()
+        times: dict[str, list[float]] = {name: [] for name in names}
+        rng = random.Random(0)
+        for _ in range(repeats):
+            order = list(names)
+            rng.shuffle(order)
+            for name in order:
+                times[name].append(time_step(opts[name], dev))
+        medians = {name: statistics.median(t) for name, t in times.items()}
+        numel = sum(m * n for m, n in shapes)
+        lines = [
+            f"One optimizer step on one {model} layer's hidden matrices {shapes} ({numel / 1e6:.1f}M elements),",
+            f"device {dev}, torch threads {torch.get_num_threads()}, median of {repeats} after {warmup}"
+            f"{', fp32 matmuls in TF32' if tf32 and dev.type == 'cuda' else ''}.",
+            "",
+            "| optimizer | ns_dtype | step ms | x AdamW | matmul GFLOP | elementwise GFLOP (est.) | GFLOP/s "
+            "| orth_error |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for name in names:
+            matmul = sum(table[name][1](m, n) for m, n in shapes)
+            elementwise = ELEMENTWISE[name.split("_")[0] if name != "hybrid_auon" else name] * numel
+            dtype = getattr(opts[name], "ns_dtype", None)
+            dtype = str(dtype).removeprefix("torch.") if dtype is not None else "-"
+            seconds = medians[name]
+            lines.append(
+                f"| {name} | {dtype} | {seconds * 1e3:.1f} | {seconds / medians['adamw']:.2f} "
+                f"| {matmul / 1e9:.1f} | {elementwise / 1e9:.3f} | {(matmul + elementwise) / seconds / 1e9:.1f} "
+                f"| {orthogonality(name, [p.grad for p in params])} |"
+            )
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -130,55 +192,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--only", nargs="*", help="subset of optimizers (adamw is always measured)")
     args = parser.parse_args()
-
-    device = torch.device(args.device)
-    shapes = layer_shapes(args.model)
-    gen = torch.Generator(device=device).manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, device=device, generator=gen) * 0.02) for s in shapes]
-    for p in params:
-        p.grad = torch.randn(p.shape, device=device, generator=gen)
-    table = optimizers(args.ns_dtype)
-    names = ["adamw", *[n for n in table if n != "adamw" and (not args.only or n in args.only)]]
-    opts = {name: table[name][0](params) for name in names}
-    for opt in opts.values():
-        opt.ns_tf32 = args.tf32
-    if args.tf32 and device.type == "cuda":  # the orth_error column's directions too
-        torch.set_float32_matmul_precision("high")
-    for _ in range(args.warmup):
-        for opt in opts.values():
-            opt.step()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    rng = random.Random(0)
-    for _ in range(args.repeats):
-        order = list(names)
-        rng.shuffle(order)
-        for name in order:
-            times[name].append(time_step(opts[name], device))
-
-    medians = {name: statistics.median(t) for name, t in times.items()}
-    numel = sum(m * n for m, n in shapes)
-    print(
-        f"One optimizer step on one {args.model} layer's hidden matrices {shapes} ({numel / 1e6:.1f}M elements),"
-    )
-    print(
-        f"device {device}, torch threads {torch.get_num_threads()}, median of {args.repeats} after {args.warmup}.\n"
-    )
-    print(
-        "| optimizer | ns_dtype | step ms | x AdamW | matmul GFLOP | elementwise GFLOP (est.) | GFLOP/s "
-        "| orth_error |"
-    )
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for name in names:
-        matmul = sum(table[name][1](m, n) for m, n in shapes)
-        elementwise = ELEMENTWISE[name.split("_")[0] if name != "hybrid_auon" else name] * numel
-        dtype = getattr(opts[name], "ns_dtype", None)
-        dtype = str(dtype).removeprefix("torch.") if dtype is not None else "-"
-        seconds = medians[name]
-        print(
-            f"| {name} | {dtype} | {seconds * 1e3:.1f} | {seconds / medians['adamw']:.2f} | {matmul / 1e9:.1f} "
-            f"| {elementwise / 1e9:.3f} | {(matmul + elementwise) / seconds / 1e9:.1f} "
-            f"| {orthogonality(name, [p.grad for p in params])} |"
-        )
+    print(measure(args.model, args.device, args.ns_dtype, args.tf32, args.warmup, args.repeats, args.only))
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def measure(name: str, world: int, args: argparse.Namespace, overrides: list[str
             f"--train.steps={args.steps}",
             f"--metrics.log_every={args.log_every}",
             "--train.eval_every=0",
-            "--checkpoint.every=0",
+            "--checkpoint.enabled=false",
             "--metrics.tensorboard=false",
             f"--train.runs_dir={args.runs_dir}",
             f"--train.run_name={name.replace(':', '_').replace('=', '')}_w{world}",

@@ -282,3 +282,12 @@ def test_an_engine_with_its_own_format_gets_the_same_commit_and_one_line_errors(
         CheckpointError, match=r"step_000002: cannot load \(FileNotFoundError: .*state.json'\)$"
     ):
         checkpointer.load(tmp_path / "step_000002", engine, state)
+
+
+def test_saves_are_due_every_n_steps_and_at_the_end_unless_disabled(tmp_path: Path) -> None:
+    every_4 = Checkpointer(tmp_path, keep_last=1, is_main=True, every=4, total_steps=10)
+    assert [s for s in range(1, 11) if every_4.due(s)] == [4, 8, 10]
+    end_only = Checkpointer(tmp_path, keep_last=1, is_main=True, total_steps=10)
+    assert [s for s in range(1, 11) if end_only.due(s)] == [10]
+    disabled = Checkpointer(tmp_path, keep_last=1, is_main=True, every=4, total_steps=10, enabled=False)
+    assert not any(disabled.due(s) for s in range(1, 11))

@@ -89,7 +89,7 @@ def write_jsonl(path, lines: list[str]) -> None:
 @pytest.fixture
 def fake_hub(monkeypatch):
     """datasets.load_dataset answering from memory with real `datasets` objects (streaming or not)."""
-    import datasets
+    datasets = pytest.importorskip("datasets", reason="the hub path needs the datasets package")
 
     splits = {"train": english_lines(300, seed=1), "validation": english_lines(60, seed=2)}
     calls = []
@@ -269,7 +269,9 @@ def test_bad_sources_raise_data_error_naming_them(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="blank.jsonl:train has no training documents"):
         loaders(make_cfg(source=str(tmp_path / "blank.jsonl")), 1)
 
-    import datasets
+
+def test_an_unknown_hub_dataset_is_a_data_error_naming_it(monkeypatch):
+    datasets = pytest.importorskip("datasets", reason="the hub path needs the datasets package")
     import huggingface_hub.constants
 
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # fail fast instead of retrying the network

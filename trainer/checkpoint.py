@@ -147,16 +147,17 @@ class Checkpointer:
         every: int = 0,
         total_steps: int = 0,
         identity: Mapping[str, Any] | None = None,
+        enabled: bool = True,
     ):
-        self.dir, self.every, self.total_steps = ckpt_dir, every, total_steps
+        self.dir, self.every, self.total_steps, self.enabled = ckpt_dir, every, total_steps, enabled
         self.keep_last, self.is_main = keep_last, is_main
         self.identity = dict(identity or {})
         self._pending: Future | None = None
         self._committer = ThreadPoolExecutor(max_workers=1) if is_main else None
 
     def due(self, step: int) -> bool:
-        """Every `every` steps (0: never) and at the last step."""
-        return (self.every > 0 and step % self.every == 0) or step == self.total_steps
+        """Every `every` steps (0: never) and at the last step; never when disabled."""
+        return self.enabled and ((self.every > 0 and step % self.every == 0) or step == self.total_steps)
 
     def save(self, step: int, engine: Engine, state: Stateful) -> Path:
         """Write the engine's state into step_N.partial, then trainer_state.json and the rename (rank 0).

@@ -186,6 +186,7 @@ class ParallelConfig:
 
 @dataclass
 class CheckpointConfig:
+    enabled: bool = True  # false: never write a checkpoint (benchmarks, smoke runs): such a run cannot resume
     every: int = checked(0, non_negative)  # save every N steps; 0 = only at the end
     # complete checkpoints kept; older ones are removed once a newer one is complete
     keep_last: int = checked(2, non_negative)

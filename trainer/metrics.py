@@ -43,14 +43,15 @@ class MetricsLogger:
         tensorboard: bool,
         total_steps: int,
         resumed_step: int = 0,
-        stream: TextIO = sys.stdout,
+        stream: TextIO | None = None,
         log_every: int = 10,
     ):
         """`resumed_step`: the step of the checkpoint this run resumed from. Records logged after it by an
-        earlier attempt (steps that are about to be trained again) are dropped, so every step appears once."""
+        earlier attempt (steps that are about to be trained again) are dropped, so every step appears once.
+        `stream`: where console lines go; None = sys.stdout as it is now (so a caller's redirect applies)."""
         self.enabled = enabled
         self.total_steps, self.log_every = total_steps, log_every
-        self.stream = stream
+        self.stream = stream if stream is not None else sys.stdout
         self._start_step, self._start_time = resumed_step, time.perf_counter()
         self._window_time, self._window_tokens = self._start_time, 0
         self._jsonl = None

@@ -207,6 +207,7 @@ def restore(
     checkpointer = Checkpointer(
         cfg.run_dir / "checkpoints",
         every=ckpt.every,
+        enabled=ckpt.enabled,
         total_steps=cfg.train.steps,
         keep_last=ckpt.keep_last,
         is_main=dist_info.is_main,
