@@ -2,10 +2,10 @@
 
 Each variant (an optimizer, `+uib` for optim.update_in_backward) runs in its own process, one at a time, because
 peak resident memory is per process: the trainer's model, FSDP2 (world size 1), optimizer and engine take two
-steps on one random batch (trainer/memory_probe.py); the second is the steady state. Reported per variant:
+steps on one random batch (trainer/memory/probe.py); the second is the steady state. Reported per variant:
 the trainer's own accounting of that step (parameters, gradients, optimizer state, the rest), its peak resident
 memory (VmHWM, reset before the step; glibc's mmap threshold fixed, see MMAP_THRESHOLD), the peak of live
-tensors over both steps (allocator events), and the planner's predictions (trainer/memory_plan.py) for this run
+tensors over both steps (allocator events), and the planner's predictions (trainer/memory/planner.py) for this run
 and for the bf16 GPU run of the same shapes.
 
     python benchmarks/memory.py                                # llama_350m, fp32, batch 1 x 256, CPU
@@ -69,7 +69,7 @@ def variant_config(variant: str, args: argparse.Namespace, overrides: list[str])
 
 
 def measure_one(args: argparse.Namespace, overrides: list[str]) -> dict:
-    """In this process: two measured steps of one variant (see trainer/memory_probe.py)."""
+    """In this process: two measured steps of one variant (see trainer/memory/probe.py)."""
     import torch
 
     from trainer.distributed import init_distributed, shutdown

@@ -5,7 +5,7 @@ Prints the components (parameters, gradients, optimizer state per param group, a
 activation checkpointing, engine buffers, the optimizer's temporaries), the peak and its phase, and whether it
 fits G GiB per device (on CUDA G defaults to the visible GPU's memory). Exit code 0: fits (or nothing to
 compare with), 1: does not fit, 2: bad input. Nothing is allocated: the model and optimizer run on the meta
-device (trainer/memory_plan.py).
+device (trainer/memory/planner.py).
 """
 
 from __future__ import annotations

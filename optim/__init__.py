@@ -2,43 +2,9 @@
 
 Every class is a torch.optim.Optimizer; on a plain list of 2-D params its own rule applies to all of them,
 and param groups with `algorithm="adamw"` are stepped by torch's AdamW inside the same object.
-`build_optimizer(cfg, model)` routes a model's parameters and builds one by name.
-
-| optimizer | argument | default |
-| --- | --- | --- |
-| all matrix rules | weight_decay | 0.0 (decoupled: W <- W (1 - lr wd); SWAN/SinkGD: an addition to the papers) |
-| all NS-based | comm_dtype | None = ns_dtype (row shards on the wire under FSDP2) |
-| adamw groups | lr, betas, eps, weight_decay | 1e-3, (0.9, 0.999), 1e-8, 1e-2 (torch.optim.AdamW's) |
-| Muon | lr | 0.02 |
-| Muon | momentum | 0.95 |
-| Muon | nesterov | True |
-| Muon | ns_steps | 5 |
-| Muon | ns_dtype | bfloat16 |
-| Muon | ns_coefficients | keller (or polar_express) |
-| Muon | ns_form | standard (or gram) |
-| SWAN | lr | 1e-3 |
-| SWAN | eps | 1e-8 (GradNorm) |
-| SWAN | whitening | coupled (or ns5) |
-| SWAN | ns_steps | 10 for coupled, 5 for ns5 |
-| SWAN | ns_dtype | float32 for coupled, bfloat16 for ns5 |
-| SinkGD | lr | 1e-3 |
-| SinkGD | iters | 5 (config: sinkgd_iters) |
-| NorMuon | lr | 1e-3 for variant paper, 0.02 for reference_code |
-| NorMuon | variant | paper (or reference_code) |
-| NorMuon | momentum | 0.95 (b1) |
-| NorMuon | beta2 | 0.95 |
-| NorMuon | eps | 1e-8 |
-| NorMuon | ns_steps | 5 |
-| NorMuon | ns_dtype | bfloat16 |
-| NorMuon | ns_coefficients | keller (or polar_express) |
-| NorMuon | ns_form | standard (or gram) |
-| AuON | lr | 0.24 for variant paper, 0.08 for reference_code |
-| AuON | variant | paper (or reference_code) |
-| AuON | momentum | 0.95 |
-| AuON | nesterov | True |
-| HybridAuON | lr, momentum, nesterov, variant | as AuON |
-| HybridAuON | ns_steps | 1 for paper (the paper), 5 for reference_code (the released code) |
-| HybridAuON | ns_dtype | bfloat16 for paper, float32 for reference_code |
+`build_optimizer(cfg, model)` routes a model's parameters and builds one by name. Each rule declares its options
+(`options`, optim/options.py) and its defaults' provenance; `optim.reference.options_table(cls)` prints them, and
+docs/optimizers.md holds those tables.
 """
 
 from __future__ import annotations

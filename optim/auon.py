@@ -39,16 +39,21 @@ class AuON(MatrixOptimizer):
     Means and norms are over the whole matrix (scalar all-reduces under FSDP2). An all-zero gradient gives a
     zero update (X = 0, r = 1).
 
-    Args:
-        params: 2-D matrices, or param groups; groups with algorithm="adamw" are stepped by AdamW.
-        lr: None = the variant's: 0.24 for "paper" (the authors' original script), 0.08 for "reference_code"
-            (the newest code's config).
-        momentum: mu, 0.95. nesterov: True ("as in Muon"; the authors' code is always Nesterov).
-        weight_decay: 0.0 (decoupled). variant: "paper" (default) | "reference_code" (optimizer-wide).
+    Args: params (2-D matrices, or param groups; groups with algorithm="adamw" are stepped by AdamW), lr,
+    momentum (mu), nesterov, weight_decay (decoupled), variant (optimizer-wide). Defaults and their provenance:
+    optim.reference.options_table(AuON), docs/optimizers.md.
     """
 
     algorithm = "auon"
     options = (VARIANT, MOMENTUM, NESTEROV)
+    dependent_defaults = {"lr": ("variant", DEFAULT_LR)}
+    provenance = {
+        "lr": "paper: the authors' first script (ryyzn9/AuON @c87b862; the paper's LM run used 0.055); "
+        "reference_code: the released code's config (@bba2e82)",
+        "momentum": "the paper (as in Muon)",
+        "nesterov": "the paper (as in Muon); the authors' code is always Nesterov",
+        "variant": "project (both forms offered)",
+    }
 
     def __init__(
         self,
@@ -113,15 +118,23 @@ class HybridAuON(AuON):
     "reference_code": r = sqrt(mean(cosh(1.5 X / (|X|_F + 1e-7))^2)); W <- W (1 - lr wd) - lr X / (r + 1e-8)
         (the authors' code applies AuON's brake to the NS output, Frobenius normalization and 1.5 included).
 
-    Args: those of AuON, plus ns_steps: k, None = the variant's: 1 for "paper", 5 for "reference_code" (the
-        released code's); ns_dtype: None = "bfloat16" for "paper", "float32" for "reference_code" (the code
-        runs NS in the parameters' fp32); comm_dtype: wire dtype under FSDP2, None = ns_dtype. All
-        optimizer-wide.
+    Args: those of AuON, plus ns_steps (k), ns_dtype, comm_dtype (wire dtype under FSDP2), all optimizer-wide.
+    Defaults and their provenance: optim.reference.options_table(HybridAuON), docs/optimizers.md.
     """
 
     algorithm = "hybrid_auon"
     reports_orthogonality = True
     options = (*AuON.options, *NEWTON_SCHULZ)
+    dependent_defaults = {
+        **AuON.dependent_defaults,
+        "ns_steps": ("variant", {variant: steps for variant, (steps, _) in DEFAULT_NS.items()}),
+        "ns_dtype": ("variant", {variant: dtype for variant, (_, dtype) in DEFAULT_NS.items()}),
+    }
+    provenance = {
+        **AuON.provenance,
+        "ns_steps": "paper: the paper's k = 1; reference_code: the released code's 5",
+        "ns_dtype": "paper: project; reference_code: the released code (NS in the parameters' fp32)",
+    }
 
     def __init__(
         self,

@@ -134,6 +134,9 @@ class MatrixOptimizer(torch.optim.Optimizer):
 
     algorithm: str = ""  # the matrix rule's name, stored in its param groups
     options: tuple[Option, ...] = ()  # what the rule takes, checked by its constructor and the config
+    # None defaults that another option decides: argument -> (that option, {its value: the default})
+    dependent_defaults: dict[str, tuple[str, dict[str, Any]]] = {}
+    provenance: dict[str, str] = {}  # where each argument's default comes from (docs: optim/reference.py)
     reports_orthogonality: bool = False  # NS-based rules report orth_error
     # A step handles its matrices in chunks of at most this many fp32 bytes of (per-rank) row blocks, so the rule's
     # temporaries (normalized / whitened copies, Newton-Schulz inputs) exist for one chunk at a time instead of for

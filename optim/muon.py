@@ -15,19 +15,24 @@ class Muon(MatrixOptimizer):
     """M <- mu M + (1-mu) G; U = (1-mu) G + mu M (nesterov) or M; O = NS5(U);
     W <- W (1 - lr wd) - lr sqrt(max(1, m/n)) O.  Unlike the reference, p.grad is never overwritten.
 
-    Args:
-        params: 2-D matrices, or param groups; groups with algorithm="adamw" are stepped by AdamW.
-        lr: 0.02. momentum: mu, 0.95. nesterov: True. weight_decay: 0.0 (decoupled).
-        ns_steps: Newton-Schulz iterations, 5. ns_dtype: "bfloat16" ("float32" for exactness).
-        comm_dtype: dtype of row shards on the wire under FSDP2; None = ns_dtype (then sharded == unsharded).
-        ns_coefficients: "keller" (Keller Jordan's fixed polynomial) or "polar_express" (per-iteration ones).
-        ns_form: "standard" or "gram" (NS5 on the p x p Gram matrix where that is cheaper: q >= 1.5 p at 5 steps).
-    ns_steps, ns_dtype and comm_dtype are optimizer-wide (all matrices are orthogonalized in one batch).
+    Args: params (2-D matrices, or param groups; groups with algorithm="adamw" are stepped by AdamW), lr,
+    momentum (mu), nesterov, weight_decay (decoupled), ns_steps, ns_dtype, comm_dtype (row shards on the wire under
+    FSDP2; unset, sharded equals unsharded), ns_coefficients (Keller Jordan's fixed polynomial or Polar Express's
+    per-iteration ones), ns_form (NS5 on the p x p Gram matrix where that is cheaper: q >= 1.5 p at 5 steps).
+    The Newton-Schulz settings are optimizer-wide. Defaults and their provenance: optim.reference.options_table(Muon).
     """
 
     algorithm = "muon"
     reports_orthogonality = True
     options = (MOMENTUM, NESTEROV, *NEWTON_SCHULZ, *NS5_POLYNOMIALS)
+    provenance = {
+        **{
+            arg: "Keller Jordan's reference Muon"
+            for arg in ("lr", "momentum", "nesterov", "ns_steps", "ns_dtype")
+        },
+        "ns_coefficients": "keller: Keller Jordan's reference Muon; polar_express: Amsel et al. 2025",
+        "ns_form": "standard: Keller Jordan's reference Muon; gram: project",
+    }
 
     def __init__(
         self,

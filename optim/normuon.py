@@ -26,21 +26,27 @@ class NorMuon(MatrixOptimizer):
     Every division is guarded: an all-zero gradient gives a zero update. Under FSDP2 v is exact on row shards
     and the Frobenius norms are one all-reduce for all matrices of the step.
 
-    Args:
-        params: 2-D matrices, or param groups; groups with algorithm="adamw" are stepped by AdamW.
-        lr: None = the variant's: 1e-3 for "paper" (an AdamW lr, not fixed by the paper), 0.02 for
-            "reference_code" (the released code's).
-        momentum: b1, 0.95. beta2: b2, 0.95. eps: 1e-8 (both variants; the released code uses 1e-10).
-        weight_decay: 0.0 (decoupled). variant: "paper" (default) | "reference_code".
-        ns_steps: 5. ns_dtype: "bfloat16". comm_dtype: wire dtype under FSDP2, None = ns_dtype.
-        ns_coefficients: "keller" (default) | "polar_express" (optim.newton_schulz).
-        ns_form: "standard" (default) | "gram" (NS5 on the Gram matrix where that is cheaper).
-    variant, ns_steps, ns_dtype, comm_dtype and ns_coefficients are optimizer-wide.
+    Args: params (2-D matrices, or param groups; groups with algorithm="adamw" are stepped by AdamW), lr,
+    momentum (b1), beta2 (b2), eps, weight_decay (decoupled), variant, ns_steps, ns_dtype, comm_dtype (wire dtype
+    under FSDP2), ns_coefficients (optim.newton_schulz), ns_form (NS5 on the Gram matrix where that is cheaper).
+    variant and the Newton-Schulz settings are optimizer-wide. Defaults and their provenance:
+    optim.reference.options_table(NorMuon), docs/optimizers.md.
     """
 
     algorithm = "normuon"
     reports_orthogonality = True
     options = (VARIANT, MOMENTUM, *NEWTON_SCHULZ, *NS5_POLYNOMIALS)
+    dependent_defaults = {"lr": ("variant", DEFAULT_LR)}
+    provenance = {
+        "lr": "paper: project (AdamW-sized: the update RMS is 0.2 lr); reference_code: the authors' code",
+        "momentum": "paper",
+        "beta2": "paper",
+        "eps": "paper variant; the released code uses 1e-10",
+        "variant": "project (both forms offered)",
+        "ns_steps": "Muon's",
+        "ns_dtype": "Muon's",
+        "ns_coefficients": "keller: Muon's; polar_express: Amsel et al. 2025",
+    }
 
     def __init__(
         self,

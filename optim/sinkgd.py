@@ -19,13 +19,16 @@ class SinkGD(MatrixOptimizer):
     Under FSDP2 rows are local and each column normalization is one all-reduce of the column sums of squares
     (all matrices of the step in one collective), so the result equals the unsharded one to float rounding.
 
-    Args:
-        params: 2-D matrices, or param groups; groups with algorithm="adamw" are stepped by AdamW.
-        lr: 1e-3. iters: L, 5. weight_decay: 0.0 (decoupled; an addition to the papers, which has none).
+    Args: params (2-D matrices, or param groups; groups with algorithm="adamw" are stepped by AdamW), lr, iters
+    (L), weight_decay (decoupled). Defaults and their provenance: optim.reference.options_table(SinkGD).
     """
 
     algorithm = "sinkgd"
     options = (Option("sinkgd_iters", "iters", minimum=1, why="0 iterations would apply the raw gradient"),)
+    provenance = {
+        "lr": "SWAN's convention",
+        "weight_decay": "project addition (the paper has none)",
+    }
 
     def __init__(self, params: Iterable, lr: float = 1e-3, iters: int = 5, weight_decay: float = 0.0) -> None:
         self.check_arguments(iters=iters)

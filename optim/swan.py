@@ -35,20 +35,24 @@ class SWAN(MatrixOptimizer):
        (whitening="ns5").
     3. W <- W (1 - lr wd) - lr sqrt(max(m, n)) D  (per-element update RMS 1). No state at all.
 
-    Args:
-        params: 2-D matrices, or param groups; groups with algorithm="adamw" are stepped by AdamW.
-        lr: 1e-3 (the papers' 0.02 times alpha 0.05). eps: GradNorm's, 1e-8.
-        weight_decay: 0.0 (decoupled; an addition to the papers, which has none).
-        whitening: "coupled" (default) | "coupled_adaptive" | "ns5".
-        ns_steps: None = 10 for the coupled forms (coupled_adaptive: at most), 5 for ns5. ns_dtype: None =
-            "float32" for the coupled forms, "bfloat16" for ns5.
-        comm_dtype: dtype of row shards on the wire under FSDP2; None = ns_dtype.
-    whitening, ns_steps, ns_dtype and comm_dtype are optimizer-wide.
+    Args: params (2-D matrices, or param groups; groups with algorithm="adamw" are stepped by AdamW), lr, eps
+    (GradNorm's), weight_decay (decoupled), whitening, ns_steps (coupled_adaptive: at most), ns_dtype, comm_dtype
+    (row shards on the wire under FSDP2). whitening, ns_steps, ns_dtype and comm_dtype are optimizer-wide.
+    Defaults and their provenance: optim.reference.options_table(SWAN), docs/optimizers.md.
     """
 
     algorithm = "swan"
     reports_orthogonality = True
     options = (Option("whitening", "whitening", choices=WHITENINGS), *NEWTON_SCHULZ)
+    dependent_defaults = {
+        "ns_steps": ("whitening", {name: steps for name, (_, _, steps, _) in WHITENING.items()}),
+        "ns_dtype": ("whitening", {name: dtype for name, (_, _, _, dtype) in WHITENING.items()}),
+    }
+    provenance = {
+        "lr": "third-party convention for the GaLore setting (0.02 x alpha 0.05), not a paper value",
+        "weight_decay": "project addition (the paper has none)",
+        "whitening": "coupled: the paper's GradWhitening by the coupled iteration; the others: project",
+    }
 
     def __init__(
         self,

@@ -1,4 +1,4 @@
-"""Per-component memory accounting (trainer/memory.py): exact byte counts, the per-rank table, memory/* metrics
+"""Per-component memory accounting (trainer/memory/tracker.py): exact byte counts, the per-rank table, memory/* metrics
 in metrics.jsonl and TensorBoard, profiler traces; step-list options."""
 
 from __future__ import annotations

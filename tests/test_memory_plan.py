@@ -1,4 +1,4 @@
-"""The memory planner (trainer/memory_plan.py, launch/estimate_memory.py) against measurements of the real
+"""The memory planner (trainer/memory/planner.py, launch/estimate_memory.py) against measurements of the real
 training step on CPU, and its scaling rules."""
 
 from __future__ import annotations

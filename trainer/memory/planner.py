@@ -199,7 +199,7 @@ def simulate_optimizer(cfg: Config, mcfg: LlamaConfig, per_param: bool) -> Optim
 
 @dataclass
 class Units:
-    """Elements of FSDP2's units as trainer/parallel.py shards them: one per block, plus the root."""
+    """Elements of FSDP2's units as trainer/engines/fsdp2.py shards them: one per block, plus the root."""
 
     root: int  # embedding, final norm, head
     block: int  # one transformer block
