@@ -13,14 +13,8 @@ from tests.distributed import run_distributed
 from tests.run_helpers import FAST, logged, train_in_process
 from trainer.config import ConfigError, load_config
 from trainer.engines.fsdp2 import FSDP2Engine
-from trainer.memory.tracker import (
-    MemoryBreakdown,
-    MemoryTracker,
-    MiB,
-    format_table,
-    optimizer_state_bytes,
-    parse_steps,
-)
+from trainer.memory.tensors import MiB, optimizer_state_bytes
+from trainer.memory.tracker import MemoryBreakdown, MemoryTracker, format_table, parse_steps
 from trainer.resolve import resolve
 from trainer.train import build_model
 

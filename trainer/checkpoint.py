@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
 
 if TYPE_CHECKING:
-    from trainer.engines import Engine
+    from trainer.engines.protocol import Engine
 
 TRAINER_STATE = "trainer_state.json"
 METADATA = ".metadata"

@@ -7,65 +7,21 @@
 | deepspeed | deepspeed.py | DeepSpeed ZeRO-0..3 | DeepSpeed's, same world and stage |
 
 The loop (trainer/train.py), the checkpointer and the memory tracker talk to every engine through `Engine`
-and nothing else.
+(trainer/engines/protocol.py) and nothing else.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import Future
-from contextlib import AbstractContextManager
-from pathlib import Path
-from typing import Protocol
-
-import torch
 from torch import nn
 from torch.optim import Optimizer
 
 from optim import build_optimizer
-from optim.health import HealthReport
 from trainer.config import Config, ConfigError
 from trainer.distributed import DistInfo, build_mesh
-from trainer.memory.tracker import TrainingTensors
+from trainer.engines.protocol import Engine
 from trainer.resolve import Run
 
-
-class Engine(Protocol):
-    """A wrapped model and its optimizer; the clip threshold is fixed at construction."""
-
-    model: nn.Module
-    optimizer: Optimizer
-
-    def forward_backward(self, micro_batches: list[torch.Tensor]) -> torch.Tensor:
-        """Accumulate the raw gradients of the step's micro-batches; this rank's mean loss (detached)."""
-        ...
-
-    def grad_norm(self) -> torch.Tensor:
-        """Global L2 norm of the step's raw (reduced, unclipped) gradients."""
-        ...
-
-    def step(self) -> None:
-        """Clip (if configured), update, drop the gradients."""
-        ...
-
-    def skip(self) -> None:
-        """Drop the step's gradients without updating anything (a non-finite step)."""
-        ...
-
-    def health(self, enabled: bool) -> AbstractContextManager[HealthReport]:
-        """A block measuring the optimizer's updates inside it; its report() is a collective."""
-        ...
-
-    def training_tensors(self) -> TrainingTensors:
-        """Where this rank's parameters, gradients and optimizer state live now (for the memory tracker)."""
-        ...
-
-    def save(self, path: Path) -> Future | None:
-        """Write this rank's model and optimizer state under `path`; a Future while an async write runs."""
-        ...
-
-    def load(self, path: Path) -> None:
-        """Restore model and optimizer state in place from `path`."""
-        ...
+__all__ = ["Engine", "build_engine"]
 
 
 def build_engine(run: Run, model: nn.Module, dist_info: DistInfo) -> Engine:

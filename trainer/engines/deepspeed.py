@@ -43,7 +43,7 @@ from optim.health import HealthReport, adamw_update_sums, health_numbers, track_
 from optim.sharded import FlatLayout
 from trainer.checkpoint import read_trainer_state
 from trainer.config import ConfigError
-from trainer.memory.tracker import TrainingTensors, group_labels, state_tensors
+from trainer.memory.tensors import TrainingTensors, group_labels, state_tensors
 
 TAG = "deepspeed"  # DeepSpeed's save_checkpoint(dir, tag) writes into dir/tag; the tag is fixed, dir is the step's
 

@@ -26,7 +26,7 @@ from torch.optim import Optimizer
 from models import causal_lm_loss
 from optim.health import HealthReport, track_health
 from trainer.engines.dcp import ModelAndOptimizer, load_state
-from trainer.memory.tracker import TrainingTensors
+from trainer.memory.tensors import TrainingTensors
 
 
 def wrap_blocks(

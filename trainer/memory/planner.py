@@ -32,7 +32,7 @@ from models import Llama, LlamaConfig, causal_lm_loss
 from optim import build_optimizer, step_params
 from optim.sharded import assign_owners
 from trainer.config import Config
-from trainer.memory.tracker import local_bytes, optimizer_state_bytes, state_tensors
+from trainer.memory.tensors import local_bytes, optimizer_state_bytes, state_tensors
 from trainer.resolve import Run, resolve
 
 GiB = 2**30

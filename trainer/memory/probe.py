@@ -18,7 +18,8 @@ from models import Llama
 from trainer.config import Config
 from trainer.distributed import DistInfo
 from trainer.engines import build_engine
-from trainer.memory.tracker import MemoryBreakdown, MemoryTracker, local_bytes, peak_tensor_bytes
+from trainer.memory.tensors import local_bytes
+from trainer.memory.tracker import MemoryBreakdown, MemoryTracker, peak_tensor_bytes
 from trainer.resolve import resolve
 
 
