@@ -21,7 +21,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from models import Llama, LlamaConfig  # noqa: E402
 from models.llama import hf_config_dict, to_hf_state_dict  # noqa: E402
-from trainer.checkpoint import CheckpointError, is_complete, read_trainer_state  # noqa: E402
+from trainer.checkpoint import CheckpointError, is_complete, read_trainer_state, saved_config  # noqa: E402
 from trainer.engines.dcp import load_state  # noqa: E402
 from trainer.engines.deepspeed import read_weights  # noqa: E402
 
@@ -34,7 +34,7 @@ def load_model(checkpoint: Path) -> Llama:
     if "model_config" not in saved:
         raise CheckpointError(f"{checkpoint}: trainer_state.json has no model_config")
     model = Llama(LlamaConfig(**saved["model_config"]))
-    if saved.get("config", {}).get("parallel", {}).get("engine") == "deepspeed":
+    if saved_config(checkpoint).parallel.engine == "deepspeed":
         model.load_state_dict(read_weights(checkpoint))
     else:  # into the model's own tensors, in place
         load_state(checkpoint, {"app": {"model": model.state_dict()}})

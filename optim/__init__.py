@@ -20,7 +20,7 @@ from optim.health import track_health
 from optim.muon import Muon
 from optim.normuon import NorMuon
 from optim.options import check_config
-from optim.routing import route_parameters
+from optim.routing import ADAMW, is_adamw_group, route_parameters
 from optim.sinkgd import SinkGD
 from optim.swan import SWAN
 
@@ -93,7 +93,7 @@ def build_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
         groups.append(
             {
                 "params": others,
-                "algorithm": "adamw",
+                "algorithm": ADAMW,
                 "lr": rest_lr,
                 "betas": betas,
                 "eps": cfg.eps,
@@ -118,6 +118,7 @@ __all__ = [
     "SinkGD",
     "build_optimizer",
     "check_options",
+    "is_adamw_group",
     "route_parameters",
     "step_params",
     "track_health",

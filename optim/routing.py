@@ -5,6 +5,13 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 HEAD_NAMES = ("output", "lm_head")
+ADAMW = "adamw"  # the `algorithm` of the param groups AdamW steps inside a matrix optimizer
+
+
+def is_adamw_group(group: dict) -> bool:
+    """Whether a param group is stepped by AdamW: a matrix optimizer's algorithm="adamw" group, or any group of an
+    optimizer that has no matrix rule (torch's AdamW keeps no `algorithm` key). The one test for it."""
+    return group.get("algorithm", ADAMW) == ADAMW
 
 
 def route_parameters(model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:

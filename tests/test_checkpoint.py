@@ -21,8 +21,9 @@ from trainer.checkpoint import (
     list_checkpoints,
     restore_rng,
     rng_states,
+    saved_config,
 )
-from trainer.config import OptimConfig
+from trainer.config import OptimConfig, load_config
 from trainer.engines.dcp import ModelAndOptimizer, flat_tensors
 from trainer.engines.fsdp2 import FSDP2Engine
 
@@ -291,3 +292,17 @@ def test_saves_are_due_every_n_steps_and_at_the_end_unless_disabled(tmp_path: Pa
     assert [s for s in range(1, 11) if end_only.due(s)] == [10]
     disabled = Checkpointer(tmp_path, keep_last=1, is_main=True, every=4, total_steps=10, enabled=False)
     assert not any(disabled.due(s) for s in range(1, 11))
+
+
+def test_the_saved_config_reads_back_typed_and_skips_keys_of_another_version(tmp_path: Path) -> None:
+    cfg = load_config("tiny_normuon.yaml", ["--parallel.zero_stage=2", "--optim.ns_steps=3"])
+    saved = cfg.to_dict()
+    saved["optim"]["a_key_of_a_later_version"] = 1
+    saved["a_section_of_a_later_version"] = {"x": 1}
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 1, "config": saved}))
+    read = saved_config(tmp_path)
+    assert read.parallel.zero_stage == 2 and read.optim.ns_steps == 3 and read.optim.name == "normuon"
+    saved["train"]["steps"] = "many"
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 1, "config": saved}))
+    with pytest.raises(CheckpointError, match="saved config does not load .*train.steps: expected int"):
+        saved_config(tmp_path)

@@ -26,7 +26,8 @@ def test_batches_engine_dtype_and_model_are_derived_once() -> None:
         resolve(load_config("tiny_swan.yaml", ["--model.vocab_size=1000"]), 1, "cpu").model.vocab_size == 1000
     )
     backward = ["--optim.update_in_backward=true", "--train.micro_batch_size=16"]
-    assert resolve(load_config("tiny_swan.yaml", backward), 1, "cpu").engine == "backward_update"
+    in_backward = resolve(load_config("tiny_swan.yaml", backward), 1, "cpu")
+    assert (in_backward.engine, in_backward.update_in_backward) == ("fsdp2", True)
     deepspeed = resolve(
         load_config("tiny_adamw.yaml", ["--parallel.engine=deepspeed", "--parallel.zero_stage=2"]), 2, "cpu"
     )

@@ -37,6 +37,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
 
+from trainer.config import Config, ConfigError, config_from_mapping
+
 if TYPE_CHECKING:
     from trainer.engines.protocol import Engine
 
@@ -78,6 +80,15 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
         return json.loads((path / TRAINER_STATE).read_text())
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path}: unreadable {TRAINER_STATE} ({err})") from None
+
+
+def saved_config(path: Path) -> Config:
+    """The resolved run config a checkpoint was saved with, typed (keys of another version skipped)."""
+    where = str(path / TRAINER_STATE)
+    try:
+        return config_from_mapping(read_trainer_state(path).get("config", {}), where, known_only=True)
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: its saved config does not load ({err})") from None
 
 
 def one_line(err: BaseException) -> str:

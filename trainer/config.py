@@ -340,15 +340,25 @@ def load_config(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Confi
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    cfg = Config()
-    for section, values in raw.items():
-        if not isinstance(values, dict):
-            raise ConfigError(f"section {section!r} must be a mapping ({path})")
-        for key, value in values.items():
-            _set(cfg, f"{section}.{key}", value, str(path))
+    cfg = config_from_mapping(raw, str(path))
     for key, value in parse_overrides(list(overrides)):
         _set(cfg, key, yaml.safe_load(value) if value != "" else "", "command line")
     _validate(cfg, str(path))
+    return cfg
+
+
+def config_from_mapping(raw: dict[str, Any], where: str, *, known_only: bool = False) -> Config:
+    """A Config from {section: {key: value}} (a YAML file's, or the one a run saved), every value type-checked.
+    known_only: skip keys this version does not know (a run saved by another version); else they are errors. The
+    fields' own checks are load_config's: a saved run's config was checked when it ran."""
+    cfg = Config()
+    for section, values in raw.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"section {section!r} must be a mapping ({where})")
+        known = vars(getattr(cfg, section)) if section in Config.__dataclass_fields__ else {}
+        for key, value in values.items():
+            if not known_only or key in known:
+                _set(cfg, f"{section}.{key}", value, where)
     return cfg
 
 

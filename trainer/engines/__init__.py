@@ -1,10 +1,10 @@
 """Engines: what one optimizer step does to a model under one kind of parallelism, behind one protocol.
 
-| engine (Run.engine) | module | parallelism | checkpoint format |
+| parallel.engine | module | parallelism | checkpoint format |
 | --- | --- | --- | --- |
 | fsdp2 | fsdp2.py | FSDP2 `fully_shard` per block + root (HSDP with dp_replicate) | DCP, reshardable |
-| backward_update | backward_update.py | as fsdp2, each update applied inside backward | DCP, reshardable |
-| deepspeed | deepspeed.py | DeepSpeed ZeRO-0..3 | DeepSpeed's, same world and stage |
+| fsdp2 with optim.update_in_backward | backward_update.py | as fsdp2, each update applied inside backward | DCP, reshardable |
+| deepspeed | deepspeed.py, zero.py | DeepSpeed ZeRO-0..3 | DeepSpeed's, same world and stage |
 
 The loop (trainer/train.py), the checkpointer and the memory tracker talk to every engine through `Engine`
 (trainer/engines/protocol.py) and nothing else.
@@ -48,7 +48,7 @@ def build_engine(run: Run, model: nn.Module, dist_info: DistInfo) -> Engine:
 
     apply_fsdp(model, build_mesh(dist_info, p.dp_replicate, p.dp_shard), bf16=run.bf16, **blocks)
     optimizer = _optimizer(cfg, model)
-    if run.engine == "backward_update":
+    if run.update_in_backward:
         return BackwardUpdateEngine(model, optimizer, async_save=cfg.checkpoint.async_save)
     return FSDP2Engine(model, optimizer, max_norm=cfg.train.grad_clip, async_save=cfg.checkpoint.async_save)
 

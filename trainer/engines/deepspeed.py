@@ -14,7 +14,7 @@ schedule, metrics and checkpoints stay one copy. How our config maps onto DeepSp
 
 Optimizers: every optimizer at every stage. At ZeRO-0 the matrix optimizers step the model's own 2-D weights. At
 ZeRO-1/2/3 DeepSpeed replaces each param group's params by one flat 1-D fp32 partition per rank that cuts across
-matrices (ZeRO-3: one per sub-group, stepped one at a time); `zero_layouts` reads from DeepSpeed's own bookkeeping
+matrices (ZeRO-3: one per sub-group, stepped one at a time); `ZeroStage.layouts` (engines/zero.py) reads from DeepSpeed's own bookkeeping
 where each matrix's pieces sit in those partitions, and the optimizer steps them owner-computes
 (`MatrixOptimizer.use_flat_partitions`, optim/base.py): whole matrices, each on one rank, the same rule code as
 FSDP2's. This is DeepSpeed's optimizer-wrapping contract (`deepspeed.initialize(optimizer=...)`: ZeRO hands the
@@ -29,7 +29,6 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -37,62 +36,16 @@ from torch import nn
 from torch.optim import Optimizer
 
 from models import causal_lm_loss
-from optim import route_parameters
+from optim import is_adamw_group, route_parameters
 from optim.base import MatrixOptimizer
 from optim.health import HealthReport, adamw_update_sums, health_numbers, track_health
 from optim.sharded import FlatLayout
-from trainer.checkpoint import read_trainer_state
+from trainer.checkpoint import saved_config
 from trainer.config import ConfigError
+from trainer.engines.zero import ZeroStage
 from trainer.memory.tensors import TrainingTensors, group_labels, state_tensors
 
 TAG = "deepspeed"  # DeepSpeed's save_checkpoint(dir, tag) writes into dir/tag; the tag is fixed, dir is the step's
-
-
-def deepspeed_config(
-    stage: int, micro: int, accumulation: int, world_size: int, grad_clip: float, bf16: bool
-) -> dict[str, Any]:
-    """The DeepSpeed config our run config implies (nothing else is set: DeepSpeed's defaults hold)."""
-    return {
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": accumulation,
-        "train_batch_size": micro * accumulation * world_size,
-        "gradient_clipping": grad_clip,
-        "zero_optimization": {"stage": stage},
-        "zero_allow_untested_optimizer": True,  # ours and torch's AdamW are not on DeepSpeed's tested list
-        "bf16": {"enabled": bf16 and stage > 0},
-        "torch_autocast": {"enabled": bf16 and stage == 0, "dtype": "bfloat16"},
-        "steps_per_print": 2**31 - 1,  # progress is ours (trainer/metrics.py)
-    }
-
-
-def zero_layouts(zero: Any, optimizer: Optimizer, stage: int) -> dict[torch.Tensor, FlatLayout]:
-    """The flat fp32 partitions ZeRO-1/2/3 hand the matrix-rule param groups, each with where its matrices'
-    pieces sit, from DeepSpeed's own bookkeeping. ZeRO-1/2: a group's params concatenated (at
-    round_robin_bit16_offsets) and cut into equal partitions (partition_size). ZeRO-3: each param cut into equal
-    partitions of partition_numel() elements, a sub-group's partitions of this rank concatenated."""
-    matrix_groups = {
-        i for i, g in enumerate(optimizer.param_groups) if g.get("algorithm", "adamw") != "adamw"
-    }
-    layouts = {}
-    if stage in (1, 2):
-        for i in sorted(matrix_groups):
-            layouts[zero.single_partition_of_fp32_groups[i]] = FlatLayout.of_concatenation(
-                zero.round_robin_bit16_groups[i],
-                [meta.shape for meta in zero.round_robin_bit16_meta[i]],
-                zero.round_robin_bit16_offsets[i],
-                int(zero.partition_size[i]),
-                zero.real_dp_process_group[i] or dist.group.WORLD,
-            )
-    else:
-        for k, params in enumerate(zero.fp16_groups):
-            if zero.sub_group_to_group_id[k] in matrix_groups:
-                layouts[zero.fp32_partitioned_groups_flat[k]] = FlatLayout.of_partitioned_matrices(
-                    params,
-                    [p.ds_shape for p in params],
-                    [p.partition_numel() for p in params],
-                    zero.dp_process_group or dist.group.WORLD,
-                )
-    return layouts
 
 
 def check_whole_matrices(
@@ -104,7 +57,7 @@ def check_whole_matrices(
     own = {id(p) for p in model.parameters()}
     laid_out = [id(p) for layout in layouts.values() for p in layout.params]
     for group in optimizer.param_groups:
-        if group.get("algorithm", "adamw") == "adamw":
+        if is_adamw_group(group):
             continue
         for p in group["params"]:
             if p.ndim == 2 and id(p) in own or p.ndim == 1 and any(p is flat for flat in layouts):
@@ -151,13 +104,13 @@ class DeepSpeedEngine:
                 "deepspeed.initialize partition it (every rank holds the whole model only until then)"
             )
         self.device = next(model.parameters()).device
-        self.stage = zero_stage
+        self.zero = ZeroStage(zero_stage)
         self.numel = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
-        config = deepspeed_config(zero_stage, micro_batch, accumulation, world_size, max_norm, bf16)
+        config = self.zero.config(micro_batch, accumulation, world_size, max_norm, bf16)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         layouts = {}
-        if zero_stage and isinstance(optimizer, MatrixOptimizer):
-            layouts = zero_layouts(self.engine.optimizer, optimizer, zero_stage)
+        if self.zero.flat_partitions and isinstance(optimizer, MatrixOptimizer):
+            layouts = self.zero.layouts(self.engine.optimizer, optimizer)
             optimizer.use_flat_partitions(layouts)
         check_whole_matrices(optimizer, model, layouts)
         self.model = model
@@ -176,17 +129,7 @@ class DeepSpeedEngine:
 
     def grad_norm(self) -> torch.Tensor:
         """Global L2 norm of the reduced, unclipped gradients: the one DeepSpeed's step clips with."""
-        opt = self.engine.optimizer
-        if self.stage == 0:  # whole gradients on the parameters, already all-reduced
-            norm = torch.nn.utils.get_total_norm(
-                [p.grad for p in self.model.parameters() if p.grad is not None]
-            )
-        elif self.stage in (1, 2):
-            norm = opt.scaled_global_norm()
-        else:
-            from deepspeed.runtime.utils import combine_grad_norm_groups
-
-            norm = combine_grad_norm_groups(opt._get_norm_groups())
+        norm = self.zero.grad_norm(self.engine.optimizer, self.model)
         norm = torch.as_tensor(norm, dtype=torch.float32, device=self.device)
         return torch.where(norm < 0, math.nan, norm)  # DeepSpeed reports a non-finite norm as -1
 
@@ -196,7 +139,7 @@ class DeepSpeedEngine:
 
     def skip(self) -> None:
         """Drop this step's gradients without updating anything."""
-        if self.stage == 0:
+        if not self.zero.flat_partitions:
             self.engine.zero_grad()
             return
         # At ZeRO-1..3 the gradients live in DeepSpeed's partitions; its step discards non-finite ones itself.
@@ -209,7 +152,7 @@ class DeepSpeedEngine:
         """The optim/ numbers FSDP2 logs. ZeRO-0: the optimizer's own (whole tensors). ZeRO-1..3: AdamW's last
         update recomputed from its state over this rank's flat partitions (their padding is zero: no update, no
         weight), then summed over ranks: exact, as under FSDP2. report() is collective."""
-        if self.stage == 0 or not enabled or isinstance(self.optimizer, MatrixOptimizer):
+        if not self.zero.flat_partitions or not enabled or isinstance(self.optimizer, MatrixOptimizer):
             with track_health(self.optimizer, enabled) as report:
                 yield report
         else:
@@ -221,32 +164,23 @@ class DeepSpeedEngine:
         any parameter gathered now; DeepSpeed keeps small ones gathered), the fp32 master partitions the
         optimizer steps (optimizer state, as the ZeRO paper counts them) and, while they exist, their gradients.
         The optimizer state is read through the master partitions (ZeRO-3 empties the param groups between steps)."""
-        if self.stage == 0:
+        if not self.zero.flat_partitions:
             return TrainingTensors.of(self.model, self.optimizer)
-        zero = self.engine.optimizer
-        masters = (
-            zero.fp32_partitioned_groups_flat if self.stage == 3 else zero.single_partition_of_fp32_groups
-        )
+        masters = self.zero.masters(self.engine.optimizer)
         weights = list(self.model.parameters())
         partitions = [p.ds_tensor for p in weights if getattr(p, "ds_tensor", None) is not None]
         return TrainingTensors(
             params=weights + partitions,
             grads=[p.grad for p in weights] + [m.grad for m in masters],
-            optimizer_state={**self._state_by_group(masters), "master_weights": list(masters)},
+            optimizer_state={**self._state_by_group(masters), "master_weights": masters},
         )
 
     def _state_by_group(self, masters: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
         """Optimizer state per param group label, read through the master partitions it is keyed by (ZeRO-3 empties
-        the param groups between steps; its partition k belongs to group sub_group_to_group_id[k])."""
-        labels, zero = self.labels, self.engine.optimizer
-        owners = (
-            [zero.sub_group_to_group_id[k] for k in range(len(masters))]
-            if self.stage == 3
-            else range(len(masters))
-        )
-        state: dict[str, list[torch.Tensor]] = {label: [] for label in labels}
-        for group, master in zip(owners, masters, strict=True):
-            state[labels[group]] += state_tensors([self.optimizer.state.get(master, {})])
+        the param groups between steps)."""
+        state: dict[str, list[torch.Tensor]] = {label: [] for label in self.labels}
+        for group, master in zip(self.zero.master_groups(self.engine.optimizer), masters, strict=True):
+            state[self.labels[group]] += state_tensors([self.optimizer.state.get(master, {})])
         return state
 
     def save(self, path: Path) -> Future | None:
@@ -256,13 +190,11 @@ class DeepSpeedEngine:
 
     def load(self, path: Path) -> None:
         """DeepSpeed's load of path/deepspeed/: needs the ZeRO stage and world size of the run that saved it."""
-        saved = read_trainer_state(path).get("config", {}).get("parallel", {})
+        saved = saved_config(path).parallel
         if not (path / TAG).is_dir():
-            raise FileNotFoundError(
-                f"no {TAG}/ directory: saved by parallel.engine={saved.get('engine', 'fsdp2')}"
-            )
-        if saved.get("zero_stage", self.stage) != self.stage:
-            raise ValueError(f"saved at ZeRO-{saved['zero_stage']}, this run is ZeRO-{self.stage}")
+            raise FileNotFoundError(f"no {TAG}/ directory: saved by parallel.engine={saved.engine}")
+        if saved.zero_stage != self.zero.stage:
+            raise ValueError(f"saved at ZeRO-{saved.zero_stage}, this run is ZeRO-{self.zero.stage}")
         self.engine.load_checkpoint(
             str(path), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
         )
@@ -274,8 +206,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     module's weights. Both unpickle DeepSpeed's files, so read only checkpoints of your own runs."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    stage = read_trainer_state(path).get("config", {}).get("parallel", {}).get("zero_stage", 0)
-    if stage == 0:
+    if saved_config(path).parallel.zero_stage == 0:
         return torch.load(path / TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)[
             "module"
         ]

@@ -8,7 +8,7 @@ How it predicts: what can be counted is counted, what is a rule of the engine is
 - activations and the backward's temporaries: the model's forward and backward run on the meta device under
   the same tracker (with activation checkpointing if configured), gradients counted at their sharded size;
 - FSDP2 buffers (unsharded parameters and gradients of the gathered units) and DeepSpeed's ZeRO partitions:
-  formulas from those engines' behaviour (`fsdp2_extra`, `_deepspeed_sizes`);
+  formulas from those engines' behaviour (`fsdp2_extra`, `trainer/engines/zero.py`'s `ZeroStage.sizes`);
 - runtime: resident memory that is not tensors (CPU: the interpreter and libraries; CUDA: the context).
 The peak is the largest of two phases: forward/backward (activations, gradients arriving) and the optimizer
 step (all gradients + the step's temporaries). With update_in_backward there is no step phase.
@@ -29,9 +29,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from models import Llama, LlamaConfig, causal_lm_loss
-from optim import build_optimizer, step_params
+from optim import build_optimizer, is_adamw_group, step_params
 from optim.sharded import assign_owners
 from trainer.config import Config
+from trainer.engines.zero import ZeroStage
 from trainer.memory.tensors import local_bytes, optimizer_state_bytes, state_tensors
 from trainer.resolve import Run, resolve
 
@@ -40,7 +41,6 @@ GiB = 2**30
 # GiB), and on CUDA the context, cuBLAS/NCCL workspaces and allocator slack outside max_memory_allocated.
 RUNTIME_BYTES = {"cpu": int(0.33 * GiB), "cuda": int(1.5 * GiB)}
 FSDP2_PREFETCH = {"cpu": 0, "cuda": 1}  # units gathered ahead of the one computing (CUDA overlaps on streams)
-DEEPSPEED_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's default reduce / all-gather bucket sizes
 
 
 class LiveBytes(TorchDispatchMode):
@@ -178,13 +178,13 @@ def simulate_optimizer(cfg: Config, mcfg: LlamaConfig, per_param: bool) -> Optim
         with LiveBytes() as tracker:
             step_params(optimizer, chunk)
         peak = max(peak, tracker.peak)
-    adamw = [p for g in optimizer.param_groups if g.get("algorithm", "adamw") == "adamw" for p in g["params"]]
+    adamw = [p for g in optimizer.param_groups if is_adamw_group(g) for p in g["params"]]
     comm = getattr(optimizer, "comm_dtype", None)  # set by the rules that gather whole matrices
     comm_bytes = torch.finfo(comm).bits // 8 if comm is not None else 0
     matrix_state = [
         (tuple(p.shape), local_bytes(state_tensors([optimizer.state[p]])))
         for g in optimizer.param_groups
-        if g.get("algorithm", "adamw") != "adamw"
+        if not is_adamw_group(g)
         for p in g["params"]
     ]
     return OptimizerSim(
@@ -297,9 +297,18 @@ def plan_run(s: Run) -> MemoryPlan:
     n_params = sum(p.numel() for p in meta.parameters())
     opt = simulate_optimizer(s.cfg, s.model, per_param=s.update_in_backward)
     if s.engine == "deepspeed":
-        params, grads, state, buffers, grad_elem = _deepspeed_sizes(s, n_params, opt)
+        zero = ZeroStage(s.zero_stage)
+        matrix = sum(nbytes for _, nbytes in opt.matrix_state)
+        owned = opt.owned_state(s.world) if zero.flat_partitions else 0
+        sizes = zero.sizes(n_params, s.compute_bytes, s.world, sum(opt.state.values()), matrix, owned)
+        params, grads, state, grad_elem = (
+            sizes.params,
+            sizes.grads,
+            sizes.optimizer_state,
+            sizes.grad_bytes_per_element,
+        )
         state_rows = [("optimizer state", state)]
-        busiest = end = buffers
+        busiest = end = sizes.buffers
     else:
         # fp32 row shards of the weights and of the gradients (reduced in fp32)
         params = grads = shard(n_params * 4, s.world)
@@ -342,26 +351,3 @@ def plan_run(s: Run) -> MemoryPlan:
         ("optimizer temporaries (NS buffers, copies)", temporaries),
     ]
     return plan
-
-
-def _deepspeed_sizes(s: Run, n_params: int, opt: OptimizerSim) -> tuple[int, int, int, int, float]:
-    """(params, grads, optimizer state, buffers, grad bytes per element) per rank under DeepSpeed ZeRO.
-
-    ZeRO-0 (autocast for bf16): fp32 weights, gradients and state on every rank, bf16 weight casts cached
-    during forward. ZeRO-1/2/3: weights in the compute dtype (sharded at 3), fp32 master weights and AdamW's
-    state sharded (the masters are a copy even when the weights are fp32: trainer.memory measures them), a
-    matrix rule's state on the owners of its matrices (the busiest rank's share); gradients in the compute
-    dtype, sharded from stage 2; reduce/all-gather buckets of up to 5e8 elements.
-    """
-    state = sum(opt.state.values())
-    if s.zero_stage == 0:
-        cast = n_params * 2 if s.compute_bytes == 2 else 0
-        return n_params * 4, n_params * 4, state, cast, 4
-    c = s.compute_bytes
-    master = n_params * 4
-    params = n_params * c if s.zero_stage < 3 else shard(n_params * c, s.world)
-    grads = n_params * c if s.zero_stage == 1 else shard(n_params * c, s.world)
-    bucket = min(DEEPSPEED_BUCKET_ELEMENTS, n_params) * c
-    matrix = sum(nbytes for _, nbytes in opt.matrix_state)
-    state = shard(state - matrix + master, s.world) + opt.owned_state(s.world)
-    return params, grads, state, bucket, grads / n_params

@@ -14,13 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from models import Llama
 from trainer.config import Config
 from trainer.distributed import DistInfo
 from trainer.engines import build_engine
 from trainer.memory.tensors import local_bytes
 from trainer.memory.tracker import MemoryBreakdown, MemoryTracker, peak_tensor_bytes
-from trainer.resolve import resolve
+from trainer.resolve import build_model, resolve
 
 
 @dataclass
@@ -36,8 +35,7 @@ def measure_steps(cfg: Config, info: DistInfo, steps: int = 1) -> StepMeasuremen
     The second step is the steady state (optimizer state exists during forward and backward)."""
     run = resolve(cfg, info.world_size, info.device)
     batches = run.batches
-    torch.manual_seed(cfg.train.seed)
-    model = Llama(run.model).to(info.device)
+    model = build_model(run, run.model.vocab_size, info.device)
     engine = build_engine(run, model, info)
     tracker = MemoryTracker(engine, info.device, cfg.run_dir, info=lambda _: None)
     generator = torch.Generator().manual_seed(cfg.train.seed)
