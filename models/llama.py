@@ -6,6 +6,7 @@ Building under `torch.device("meta")` allocates nothing; `to_empty(device=...)` 
 exactly the weights a plain build would give under the same seed (the trainer relies on this for FSDP2).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -68,9 +69,18 @@ def rope_cache(cfg: LlamaConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return angles.cos(), angles.sin()
 
 
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of [B, H, T, head_dim] queries, keys and values: torch picks the fused kernel."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, attend: AttentionFn = causal_sdpa):
         super().__init__()
+        self.attend = attend
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
@@ -88,7 +98,7 @@ class Attention(nn.Module):
         if self.n_kv_heads != self.n_heads:  # kv head j serves query heads j*rep..(j+1)*rep-1, as repeat_kv
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = self.attend(q, k, v)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -104,10 +114,10 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, attend: AttentionFn = causal_sdpa):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attention = Attention(cfg)
+        self.attention = Attention(cfg, attend)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
@@ -117,7 +127,10 @@ class TransformerBlock(nn.Module):
 
 
 class Llama(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    """`attend`: the causal attention function (the memory planner passes the kernel a real run uses, since on the
+    meta device torch would pick its unfused path)."""
+
+    def __init__(self, cfg: LlamaConfig, attend: AttentionFn = causal_sdpa):
         super().__init__()
         self.cfg = cfg
         device = torch.empty(0).device  # the caller's default device (honours `with torch.device(...)`)
@@ -125,7 +138,7 @@ class Llama(nn.Module):
         # anyway, and skipping them keeps the RNG stream identical to the meta + to_empty + init_weights path.
         with torch.device("meta"):
             self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-            self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+            self.layers = nn.ModuleList(TransformerBlock(cfg, attend) for _ in range(cfg.n_layers))
             self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
             self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
             cos, sin = rope_cache(cfg)

@@ -89,7 +89,7 @@ def test_bf16_gpu_swan_with_update_in_backward_heads_to_04x_of_adamw():
     shape = ["--train.micro_batch_size=1", "--train.global_batch_size=1"]
     adamw = plan_memory(load_config("llama350m_adamw.yaml", shape), 1, device="cuda")
     swan = plan_memory(load_config("llama350m_swan.yaml", [*shape, "--optim.update_in_backward=true"]), 1)
-    assert swan.setup.compute_dtype == torch.bfloat16
+    assert swan.run.compute_dtype == torch.bfloat16
     assert 0.3 < swan.peak / adamw.peak < 0.45  # tensors only (the CUDA context is the same for both)
 
 

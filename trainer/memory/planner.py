@@ -19,10 +19,8 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
-from unittest.mock import patch
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -84,18 +82,17 @@ class LiveBytes(TorchDispatchMode):
             self.peak = max(self.peak, self.live)
 
 
-def flash_attention(
-    q: Tensor, k: Tensor, v: Tensor, *args: Any, is_causal: bool = False, **kwargs: Any
-) -> Tensor:
-    """SDPA as the real runs compute it. On meta tensors torch picks SDPA's unfused math path, which keeps the
-    T x T attention weights for backward; CPU and CUDA runs use flash kernels that keep the output and one
-    log-sum-exp per row. The CPU flash op has meta kernels, and what it saves matches CUDA flash."""
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal)[0]
+def flash_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal attention as the real runs compute it. On meta tensors torch picks SDPA's unfused math path, which
+    keeps the T x T attention weights for backward; CPU and CUDA runs use flash kernels that keep the output and
+    one log-sum-exp per row. The CPU flash op has meta kernels, and what it saves matches CUDA flash."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)[0]
 
 
 def _meta_model(mcfg: LlamaConfig) -> Llama:
+    """The model on the meta device, attending as real runs do (flash_attention)."""
     with torch.device("meta"):
-        return Llama(mcfg)
+        return Llama(mcfg, attend=flash_attention)
 
 
 def shard(nbytes: int, world: int) -> int:
@@ -112,20 +109,19 @@ class ForwardBackward:
 
 
 def simulate_forward_backward(
-    setup: Run, checkpointing: bool, grad_bytes_per_element: float, drop_grads: bool
+    run: Run, checkpointing: bool, grad_bytes_per_element: float, drop_grads: bool
 ) -> ForwardBackward:
     """Run the model's forward and backward on meta tensors and track live bytes (parameters excluded).
 
     grad_bytes_per_element: how this rank stores each gradient element (4 / world for fp32 row shards);
     drop_grads: free each gradient once complete (update_in_backward).
     """
-    model = _meta_model(setup.model).to(setup.compute_dtype)
+    model = _meta_model(run.model).to(run.compute_dtype)
     if checkpointing:
         for i, block in enumerate(model.layers):
             model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
-    tokens = torch.zeros(setup.micro_batch, setup.seq_len + 1, dtype=torch.long, device="meta")
-    # Patched for the whole run: activation checkpointing recomputes blocks inside backward.
-    with patch.object(F, "scaled_dot_product_attention", flash_attention), LiveBytes() as tracker:
+    tokens = torch.zeros(run.micro_batch, run.seq_len + 1, dtype=torch.long, device="meta")
+    with LiveBytes() as tracker:
 
         def on_grad(p: Tensor) -> None:
             if drop_grads:
@@ -210,7 +206,7 @@ class Units:
         return cls(sum(p.numel() for p in model.parameters()) - block * len(model.layers), block)
 
 
-def fsdp2_extra(units: Units, setup: Run) -> tuple[int, int]:
+def fsdp2_extra(units: Units, run: Run) -> tuple[int, int]:
     """FSDP2's bytes beyond a plain model's, per rank, at (the busiest point of backward, its end).
 
     During backward the root unit stays gathered (it is not resharded after forward), and so does the block
@@ -218,10 +214,10 @@ def fsdp2_extra(units: Units, setup: Run) -> tuple[int, int]:
     dtype) are copied into a reduce-scatter input (fp32) whose output is the sharded gradient the plain model's
     count already holds; gloo's CPU reduce-scatter works on one more copy of its input.
     """
-    c, n = setup.compute_bytes, setup.world
-    busiest = units.root * c + units.block * c * (1 + FSDP2_PREFETCH[setup.device])
+    c, n = run.compute_bytes, run.world
+    busiest = units.root * c + units.block * c * (1 + FSDP2_PREFETCH[run.device])
     end = units.root * (c + 4) - shard(units.root * 4, n)
-    if setup.device == "cpu" and n > 1:
+    if run.device == "cpu" and n > 1:
         end += units.root * 4
     return busiest, end
 
@@ -230,7 +226,7 @@ def fsdp2_extra(units: Units, setup: Run) -> tuple[int, int]:
 class MemoryPlan:
     """Predicted bytes per rank; `rows` in display order, `peak` without and `total` with the runtime."""
 
-    setup: Run
+    run: Run
     rows: list[tuple[str, int]] = field(default_factory=list)
     phases: dict[str, int] = field(default_factory=dict)
     runtime: int = 0
@@ -254,12 +250,12 @@ class MemoryPlan:
         return self.total <= device_bytes
 
     def table(self, device_bytes: int | None = None) -> str:
-        s = self.setup
+        run = self.run
         title = (
-            f"predicted memory per rank (GiB): {s.cfg.parallel.engine}, world {s.world}, {s.device}, "
-            f"{str(s.compute_dtype).removeprefix('torch.')} compute, micro batch {s.micro_batch} x {s.seq_len}"
-            + (", activation checkpointing" if s.checkpointing else "")
-            + (", update in backward" if s.update_in_backward else "")
+            f"predicted memory per rank (GiB): {run.cfg.parallel.engine}, world {run.world}, {run.device}, "
+            f"{str(run.compute_dtype).removeprefix('torch.')} compute, micro batch {run.micro_batch} x {run.seq_len}"
+            + (", activation checkpointing" if run.checkpointing else "")
+            + (", update in backward" if run.update_in_backward else "")
         )
         width = max(len(n) for n, _ in self.rows) + 2
         lines = [title]
@@ -290,17 +286,17 @@ def plan_memory(cfg: Config, world_size: int = 1, device: str = "cuda") -> Memor
     return plan_run(resolve(cfg, world_size, device))
 
 
-def plan_run(s: Run) -> MemoryPlan:
+def plan_run(run: Run) -> MemoryPlan:
     """plan_memory for a config already resolved for its launch (the trainer's pre-flight check has one)."""
-    meta = _meta_model(s.model)
+    meta = _meta_model(run.model)
     units = Units.of(meta)
     n_params = sum(p.numel() for p in meta.parameters())
-    opt = simulate_optimizer(s.cfg, s.model, per_param=s.update_in_backward)
-    if s.engine == "deepspeed":
-        zero = ZeroStage(s.zero_stage)
+    opt = simulate_optimizer(run.cfg, run.model, per_param=run.update_in_backward)
+    if run.engine == "deepspeed":
+        zero = ZeroStage(run.zero_stage)
         matrix = sum(nbytes for _, nbytes in opt.matrix_state)
-        owned = opt.owned_state(s.world) if zero.flat_partitions else 0
-        sizes = zero.sizes(n_params, s.compute_bytes, s.world, sum(opt.state.values()), matrix, owned)
+        owned = opt.owned_state(run.world) if zero.flat_partitions else 0
+        sizes = zero.sizes(n_params, run.compute_bytes, run.world, sum(opt.state.values()), matrix, owned)
         params, grads, state, grad_elem = (
             sizes.params,
             sizes.grads,
@@ -311,24 +307,28 @@ def plan_run(s: Run) -> MemoryPlan:
         busiest = end = sizes.buffers
     else:
         # fp32 row shards of the weights and of the gradients (reduced in fp32)
-        params = grads = shard(n_params * 4, s.world)
-        state_rows = [(f"optimizer state: {k}", shard(v, s.world)) for k, v in opt.state.items()]
+        params = grads = shard(n_params * 4, run.world)
+        state_rows = [(f"optimizer state: {k}", shard(v, run.world)) for k, v in opt.state.items()]
         state = sum(n for _, n in state_rows)
-        busiest, end = fsdp2_extra(units, s)
-        grad_elem = 4 / s.world
+        busiest, end = fsdp2_extra(units, run)
+        grad_elem = 4 / run.world
     temporaries = opt.temporaries
-    if s.device == "cuda" and not s.update_in_backward:  # foreach AdamW: one sqrt buffer for all its params
+    if (
+        run.device == "cuda" and not run.update_in_backward
+    ):  # foreach AdamW: one sqrt buffer for all its params
         temporaries = max(temporaries, opt.adamw_param_bytes)
     matrix_elements = sum(p.numel() for p in meta.layers.parameters() if p.ndim == 2)
-    optimizer_world = 1 if s.engine == "deepspeed" and s.zero_stage == 0 else s.world  # ZeRO-0: whole copies
+    optimizer_world = (
+        1 if run.engine == "deepspeed" and run.zero_stage == 0 else run.world
+    )  # ZeRO-0: whole copies
     temporaries = _sharded_temporaries(temporaries, opt, optimizer_world, matrix_elements)
-    fb = simulate_forward_backward(s, s.checkpointing, grad_elem, s.update_in_backward)
-    other = simulate_forward_backward(s, not s.checkpointing, grad_elem, s.update_in_backward)
-    with_ac, without_ac = (fb, other) if s.checkpointing else (other, fb)
-    if s.update_in_backward:
+    fb = simulate_forward_backward(run, run.checkpointing, grad_elem, run.update_in_backward)
+    other = simulate_forward_backward(run, not run.checkpointing, grad_elem, run.update_in_backward)
+    with_ac, without_ac = (fb, other) if run.checkpointing else (other, fb)
+    if run.update_in_backward:
         # A unit's gradient buffer lives until its last parameter is updated; the root's (embedding, head) is
         # the largest and comes last, with the costliest single-parameter steps (AdamW on the embedding).
-        grads = shard(units.root * 4, s.world)
+        grads = shard(units.root * 4, run.world)
         phases = {
             "backward with updates": params
             + state
@@ -339,15 +339,15 @@ def plan_run(s: Run) -> MemoryPlan:
             "forward/backward": params + state + max(fb.peak + busiest, fb.end + end),
             "optimizer step": params + state + grads + temporaries,
         }
-    plan = MemoryPlan(s, runtime=RUNTIME_BYTES[s.device], phases=phases)
+    plan = MemoryPlan(run, runtime=RUNTIME_BYTES[run.device], phases=phases)
     plan.rows = [
         ("parameters", params),
-        ("gradients" + (" (largest unit, in backward)" if s.update_in_backward else ""), grads),
+        ("gradients" + (" (largest unit, in backward)" if run.update_in_backward else ""), grads),
         *state_rows,
         ("activations without checkpointing", without_ac.activations),
         ("activations with checkpointing", with_ac.activations),
         ("forward/backward peak of activations, grads, temps", fb.peak),
-        (f"{s.cfg.parallel.engine} buffers (in backward)", busiest),
+        (f"{run.cfg.parallel.engine} buffers (in backward)", busiest),
         ("optimizer temporaries (NS buffers, copies)", temporaries),
     ]
     return plan
