@@ -2,7 +2,7 @@
 
 Each variant (an optimizer, `+uib` for optim.update_in_backward) runs in its own process, one at a time, because
 peak resident memory is per process: the trainer's model, FSDP2 (world size 1), optimizer and engine take two
-steps on one random batch (trainer/memory/probe.py); the second is the steady state. Reported per variant:
+steps on one random batch (trainer/memory/measure.py); the second is the steady state. Reported per variant:
 the trainer's own accounting of that step (parameters, gradients, optimizer state, the rest), its peak resident
 memory (VmHWM, reset before the step; glibc's mmap threshold fixed, see MMAP_THRESHOLD), the peak of live
 tensors over both steps (allocator events), and the planner's predictions (trainer/memory/planner.py) for this run
@@ -69,11 +69,11 @@ def variant_config(variant: str, args: argparse.Namespace, overrides: list[str])
 
 
 def measure_one(args: argparse.Namespace, overrides: list[str]) -> dict:
-    """In this process: two measured steps of one variant (see trainer/memory/probe.py)."""
+    """In this process: two measured steps of one variant (see trainer/memory/measure.py)."""
     import torch
 
     from trainer.distributed import init_distributed, shutdown
-    from trainer.memory.probe import measure_steps
+    from trainer.memory.measure import measure_steps
 
     torch.set_num_threads(args.threads)
     cfg = variant_config(args.one, args, overrides)

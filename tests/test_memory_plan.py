@@ -33,7 +33,7 @@ def _config(model: str, optim: str, extra: list[str]):
 def _measure_all(cases: list) -> list[dict]:
     """Two steps of each case in this (world size 1) process: the trainer's accounting and the tensor peak."""
     from trainer.distributed import init_distributed
-    from trainer.memory.probe import measure_steps
+    from trainer.memory.measure import measure_steps
 
     info = init_distributed("cpu", "gloo")
     out = []
