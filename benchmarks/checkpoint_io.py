@@ -4,7 +4,7 @@ Each rank builds the model, shards it with FSDP2, takes one optimizer step (so t
 times, `--repeats` times each (median): a synchronous save (until committed), an async save's blocking part (the
 copy to CPU memory; training goes on after it) and its total (until committed), and a load. Launched like training:
 
-    torchrun --standalone --nproc_per_node=2 benchmarks/checkpoint_io.py [--model llama_60m] [--optim adamw]
+    torchrun --standalone --nproc_per_node=2 -m benchmarks.checkpoint_io [--model llama_60m] [--optim adamw]
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -21,14 +20,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-
-from models import Llama, model_config, num_params  # noqa: E402
-from optim import build_optimizer  # noqa: E402
-from trainer.checkpoint import Checkpointer  # noqa: E402
-from trainer.config import OptimConfig  # noqa: E402
-from trainer.distributed import build_mesh, init_distributed, shutdown  # noqa: E402
-from trainer.engines.fsdp2 import FSDP2Engine, apply_fsdp  # noqa: E402
+from models import Llama, model_config, num_params
+from optim import build_optimizer
+from trainer.checkpoint import Checkpointer
+from trainer.config import OptimConfig
+from trainer.distributed import build_mesh, init_distributed, shutdown
+from trainer.engines.fsdp2 import FSDP2Engine, apply_fsdp
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> float:

@@ -16,12 +16,12 @@ counts. Identical configs share one run directory (runs-dir/<sweep>/<optimizer>_
 Resumable: a finished run (its result.json) is skipped, an interrupted one continues from its latest checkpoint
 through the trainer's own resume; a run directory made with other settings is an error, never mixed in.
 
-    python benchmarks/convergence.py                                  # one sweep: llama_tiny, batch 16, real text
-    python benchmarks/convergence.py --batch-sizes 16,64,256          # batch-size study at equal tokens
-    python benchmarks/convergence.py --models llama_tiny,llama_tiny_w192   # width transfer
-    python benchmarks/convergence.py --reduced                        # ~15 min on 2 cores (0.5M tokens, 2 seeds)
-    python benchmarks/convergence.py --quick                          # smoke test: seconds per run
-    python benchmarks/convergence.py --data generated                 # the order-2 diagnostic (*_generated.md)
+    python -m benchmarks.convergence                                  # one sweep: llama_tiny, batch 16, real text
+    python -m benchmarks.convergence --batch-sizes 16,64,256          # batch-size study at equal tokens
+    python -m benchmarks.convergence --models llama_tiny,llama_tiny_w192   # width transfer
+    python -m benchmarks.convergence --reduced                        # ~15 min on 2 cores (0.5M tokens, 2 seeds)
+    python -m benchmarks.convergence --quick                          # smoke test: seconds per run
+    python -m benchmarks.convergence --data generated                 # the order-2 diagnostic (*_generated.md)
 
 Any `--section.key=value` argument is passed to every run as a trainer config override.
 """
@@ -42,9 +42,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-
-from benchmarks.convergence_report import (  # noqa: E402
+from benchmarks.convergence_report import (
     BASELINE,
     RunResult,
     SweepReport,
@@ -56,21 +54,22 @@ from benchmarks.convergence_report import (  # noqa: E402
     summarize,
     width_table,
 )
-from benchmarks.real_text import real_text_jsonl  # noqa: E402
-from benchmarks.trainer_runs import (  # noqa: E402
+from benchmarks.harness import (
     EXIT_DIVERGED,
     EXIT_OK,
+    ORDER2_TASK,
     RunBusy,
     TrainerRun,
     eval_curve,
     launch,
-    optimizer_state_bytes,
     read_records,
     run_parallel,
+    state_bytes_of,
     train_seconds,
 )
-from trainer.config import CHOICES, Config, ConfigError, load_config, parse_args_and_overrides  # noqa: E402
-from trainer.data import DataError, build_tokenizer, open_source, save_tokenizer  # noqa: E402
+from benchmarks.real_text import real_text_jsonl
+from trainer.config import CHOICES, Config, ConfigError, parse_args_and_overrides
+from trainer.data import DataError, build_tokenizer, open_source, save_tokenizer
 
 OPTIMIZERS = CHOICES["optim.name"]  # every optimizer the trainer knows, AdamW first
 BATCH_OPTIMIZERS = "adamw,swan,sinkgd,muon,normuon"  # --batch-sizes default: the stateless claims and Muon's
@@ -83,7 +82,6 @@ RESULT = "result.json"  # written into a run directory when the run has finished
 # The generated corpus at order 2 over 64 tokens: the next token depends on the last two, so a bigram model
 # (embedding + head, AdamW in every optimizer) is stuck near ln 64 and only the hidden matrices (attention + MLP,
 # the matrix rules' job) take the loss down toward the floor. Order 1 would not tell the matrix rules apart.
-GENERATED = ["--data.vocab_size=64", "--data.generated_order=2"]
 
 
 class SweepError(RuntimeError):
@@ -170,23 +168,16 @@ def check_budget(args: argparse.Namespace) -> None:
 
 
 def data_overrides(args: argparse.Namespace, overrides: list[str]) -> list[str]:
-    """Generated: GENERATED. Real text (benchmarks/real_text.py) or a local path: one BPE tokenizer trained
+    """Generated: the order-2 task (harness.ORDER2_TASK). Real text (benchmarks/real_text.py) or a local path: one BPE tokenizer trained
     here (the trainer's own training code) and shared by every run of every sweep."""
     if args.data == "generated":
-        return list(GENERATED)
+        return list(ORDER2_TASK)
     source = real_text_jsonl() if args.data == "real" else Path(args.data).expanduser().resolve()
     cfg = TrainerRun(f"{args.configs}_adamw", (*overrides, f"--data.source={source}")).resolved()
     tokenizer_dir = args.runs_dir / f"tokenizer_{source.stem}_{cfg.data.vocab_size}"
     if not (tokenizer_dir / "tokenizer.json").is_file():
         save_tokenizer(build_tokenizer(cfg.data, None)[0], tokenizer_dir)
     return [f"--data.source={source}", f"--data.tokenizer={tokenizer_dir / 'tokenizer.json'}"]
-
-
-def made_elsewhere(cfg: Config) -> bool:
-    """A run directory left by other settings (another budget, data, lr) must not be resumed or reused. The saved
-    config is read through load_config, so a field added to the trainer since, at its default, still matches."""
-    saved = cfg.run_dir / "config.yaml"
-    return saved.is_file() and load_config(str(saved)).to_dict() != cfg.to_dict()
 
 
 @dataclass(eq=False)
@@ -289,7 +280,7 @@ class Sweep:
     def run(self, points: list[Point]) -> None:
         """Every pending point, --jobs at a time. Raises SweepError for a run directory of other settings."""
         todo = [p for p in dict.fromkeys(points) if p.status == "pending"]
-        elsewhere = [str(p.cfg.run_dir) for p in todo if made_elsewhere(p.cfg)]
+        elsewhere = [str(p.cfg.run_dir) for p in todo if p.run.made_elsewhere()]
         if elsewhere:
             raise SweepError(
                 f"made with other settings (delete or use another --runs-dir): {', '.join(elsewhere)}"
@@ -402,7 +393,7 @@ def read_back(phase1: Grid, grids: list[Grid], seeds: dict[str, list[Point]]) ->
     """Every run of one protocol read back from its run directory."""
     first = phase1.points[phase1.start[0]].cfg
     _, vocab_size, floor = open_source(first.data, "train", build_tokenizer(first.data, None)[0])
-    state = {g.optimizer: optimizer_state_bytes(next(iter(g.points.values())).cfg, vocab_size) for g in grids}
+    state = {g.optimizer: state_bytes_of(next(iter(g.points.values())).cfg, vocab_size) for g in grids}
     results = {g.optimizer: [p.result() for p in g.points.values()] for g in grids}
     summaries = summarize(results, {n: [p.result() for p in runs] for n, runs in seeds.items()}, state)
     t = first.train

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import fmean
 
-from benchmarks.trainer_runs import StateBytes
+from benchmarks.harness import StateBytes
 
 BASELINE = "adamw"
 

@@ -1,8 +1,8 @@
 """The GPU acceptance run: in a few minutes on one GPU, with no downloads, prove the headline configs work end to
 end and measure what CPU runs cannot, into one dated markdown report.
 
-    python benchmarks/gpu_acceptance.py --out benchmarks/results/gpu/          # on a GPU machine (~6 minutes)
-    python benchmarks/gpu_acceptance.py --smoke --out /tmp/acceptance           # CPU, tiny models (~1 minute)
+    python -m benchmarks.gpu_acceptance --out benchmarks/results/gpu/          # on a GPU machine (~6 minutes)
+    python -m benchmarks.gpu_acceptance --smoke --out /tmp/acceptance           # CPU, tiny models (~1 minute)
 
 Sections, each time-boxed (a section that cannot finish in its share reports what it measured and says what it
 skipped), the report rewritten after every measurement so a cut run still holds everything measured so far:
@@ -45,17 +45,14 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-
-from benchmarks.kernel_profile import summarize  # noqa: E402
-from benchmarks.optimizer_step import measure as measure_optimizer_step  # noqa: E402
-from benchmarks.trainer_runs import read_records, series  # noqa: E402
-from launch.export_hf import export, load_model  # noqa: E402
-from optim import OPTIMIZER_NAMES  # noqa: E402
-from trainer.config import load_config  # noqa: E402
-from trainer.distributed import init_distributed  # noqa: E402
-from trainer.train import train  # noqa: E402
+from benchmarks.harness import EXIT_OK, ROOT, TrainerRun, launch, read_records, series
+from benchmarks.kernel_profile import summarize
+from benchmarks.optimizer_step import measure as measure_optimizer_step
+from launch.export_hf import export, load_model
+from optim import OPTIMIZER_NAMES
+from trainer.config import load_config
+from trainer.distributed import init_distributed
+from trainer.train import train
 
 GiB = 2**30
 NO_DOWNLOAD = ["--data.source=generated", "--data.tokenizer="]
@@ -503,17 +500,10 @@ def several_devices(
         if not fits(45.0 if mode is GPU else 0.0):
             report.add("f", f"| {name} | skipped: out of time | | | |")
             continue
-        config = kept[name] / "config.yaml"
-        overrides = [f"--train.runs_dir={runs}", f"--train.run_name=f_{name}", "--checkpoint.resume=false"]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
-        cmd += [str(ROOT / "launch" / "pretrain.py"), "--config", str(config), *overrides]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        with (runs / "f.log").open("a") as log:
-            code = subprocess.run(
-                cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=300
-            ).returncode
-        if code != 0:
-            report.add("f", f"| {name} | **failed** (exit {code}, see {runs / 'f.log'}) | | | |")
+        overrides = (f"--train.runs_dir={runs}", f"--train.run_name=f_{name}", "--checkpoint.resume=false")
+        code = launch(TrainerRun(str(kept[name] / "config.yaml"), overrides), runs / f"f_{name}.log", nproc=n)
+        if code != EXIT_OK:
+            report.add("f", f"| {name} | **failed** (exit {code}, see {runs / f'f_{name}.log'}) | | | |")
             continue
         one, many = losses(kept[name]), losses(runs / f"f_{name}")
         rel = max(abs(many[s] - one[s]) / abs(one[s]) for s in one)

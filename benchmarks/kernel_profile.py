@@ -2,7 +2,7 @@
 trace, and the shares by kind of work (matrix products, attention, the loss, casts and copies, communication, the
 rest). Reads the Chrome trace the trainer writes for `metrics.profile_steps` (runs/<name>/tb/profile/*.json).
 
-    python benchmarks/kernel_profile.py runs/NAME/tb/profile/rank0.*.pt.trace.json [--top 15]
+    python -m benchmarks.kernel_profile runs/NAME/tb/profile/rank0.*.pt.trace.json [--top 15]
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ memory (VmHWM, reset before the step; glibc's mmap threshold fixed, see MMAP_THR
 tensors over both steps (allocator events), and the planner's predictions (trainer/memory/planner.py) for this run
 and for the bf16 GPU run of the same shapes.
 
-    python benchmarks/memory.py                                # llama_350m, fp32, batch 1 x 256, CPU
-    python benchmarks/memory.py --config tiny --seq-len 32 --variants adamw,swan,swan+uib
+    python -m benchmarks.memory                                # llama_350m, fp32, batch 1 x 256, CPU
+    python -m benchmarks.memory --config tiny --seq-len 32 --variants adamw,swan,swan+uib
 
 Any `--section.key=value` argument is passed to every variant as a trainer config override.
 """
@@ -19,13 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-
-from trainer.config import load_config, parse_args_and_overrides  # noqa: E402
+from benchmarks.harness import run_module
+from trainer.config import load_config, parse_args_and_overrides
 
 GiB = 2**30
 # glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed, after which freed mid-size
@@ -96,14 +94,12 @@ def measure_one(args: argparse.Namespace, overrides: list[str]) -> dict:
 
 
 def run_variant(variant: str, argv: list[str]) -> dict | None:
-    """Measure one variant in a fresh process; None (and its stderr) if it failed."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(parse_args(argv)[0].threads)}
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
-    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--one", variant]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode or not lines:
-        print(f"{variant}: failed (exit {proc.returncode})\n{proc.stderr[-3000:]}", file=sys.stderr)
+    """Measure one variant in a fresh process; None if it failed (its stderr has gone to ours)."""
+    env = {"MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))}
+    code, out = run_module("benchmarks.memory", [*argv, "--one", variant], parse_args(argv)[0].threads, env)
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    if code or not lines:
+        print(f"{variant}: failed (exit {code})", file=sys.stderr)
         return None
     return json.loads(lines[-1])
 

@@ -10,7 +10,7 @@ per element, c counted from each rule's operations), and for the whole-matrix ru
 |O O^T - I|_F / sqrt(p) of their direction on these gradients (SWAN's GradNorm'ed ones have an exact zero singular
 value for square and tall matrices, which floors it at 1/sqrt(p), 0.031 for p = 1024).
 
-    python benchmarks/optimizer_step.py [--device cuda] [--ns-dtype float32] [--repeats 10]
+    python -m benchmarks.optimizer_step [--device cuda] [--ns-dtype float32] [--repeats 10]
 """
 
 from __future__ import annotations
@@ -18,18 +18,14 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-
-from models import model_config  # noqa: E402
-from optim import SWAN, AuON, HybridAuON, Muon, NorMuon, SinkGD  # noqa: E402
-from optim.newton_schulz import (  # noqa: E402
+from models import model_config
+from optim import SWAN, AuON, HybridAuON, Muon, NorMuon, SinkGD
+from optim.newton_schulz import (
     coupled_adaptive,
     coupled_flops,
     coupled_inverse_sqrt_polar,

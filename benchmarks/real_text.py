@@ -20,7 +20,7 @@ blank line; a last chunk under MIN_CHARS joins the one before it; no chunk spans
 same bytes on every run. Later calls find the jsonl and do nothing. No other file in the repository downloads.
 Result: 7,151 documents, 12,159,841 characters, 2,847,630 BPE-4096 tokens; about 5 s on 2 cores, download included.
 
-    python benchmarks/real_text.py [--cache DIR] [--out PATH]    # cache: $REAL_TEXT_CACHE or ~/.cache/...
+    python -m benchmarks.real_text [--cache DIR] [--out PATH]    # cache: $REAL_TEXT_CACHE or ~/.cache/...
 """
 
 from __future__ import annotations
@@ -165,5 +165,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the trainer, from a checkout
     main()

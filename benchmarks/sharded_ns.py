@@ -13,32 +13,28 @@ calls received), NS5 CPU time, communication wall time (each collective timed af
 a straggler's compute is not counted as communication) and bytes sent to other ranks (all-to-all: the splits
 for other ranks; all-gather: the block times world - 1); beside it the step's wall time and the peak RSS.
 
-    python benchmarks/sharded_ns.py [--model llama_350m] [--layers 24] [--world-sizes 1 2 4] [--steps 2]
+    python -m benchmarks.sharded_ns [--model llama_350m] [--layers 24] [--world-sizes 1 2 4] [--steps 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import resource
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from unittest import mock
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-
-from models import model_config  # noqa: E402
-from optim.base import resolve_dtype  # noqa: E402
-from optim.newton_schulz import newton_schulz5, ns5_flops  # noqa: E402
-from optim.sharded import ShardInfo, apply_to_whole_matrices  # noqa: E402
-from tests.distributed import run_distributed  # noqa: E402
+from models import model_config
+from optim.base import resolve_dtype
+from optim.newton_schulz import newton_schulz5, ns5_flops
+from optim.sharded import ShardInfo, apply_to_whole_matrices
+from tests.distributed import run_distributed
 
 NS_STEPS = 5
 

@@ -11,9 +11,9 @@ over --repeats rounds, is reported.
 MFU needs the device's peak FLOP/s: known GPUs are detected by the trainer, elsewhere pass
 `--metrics.peak_tflops=X`; on CPU the tokens/s ratios are the useful part.
 
-    python benchmarks/throughput.py                                  # configs/tiny_*.yaml on this machine
-    python benchmarks/throughput.py --configs llama350m --steps 60 --nproc 8 --data.source=/data/c4_sample.jsonl
-    python benchmarks/throughput.py --nproc 1,2,4 --threads 1 --steps 6 --log-every 2 --model.name=llama_60m \
+    python -m benchmarks.throughput                                  # configs/tiny_*.yaml on this machine
+    python -m benchmarks.throughput --configs llama350m --steps 60 --nproc 8 --data.source=/data/c4_sample.jsonl
+    python -m benchmarks.throughput --nproc 1,2,4 --threads 1 --steps 6 --log-every 2 --model.name=llama_60m \
         --train.global_batch_size=16 --train.micro_batch_size=4 --train.seq_len=256   # the CPU table
 
 Any `--section.key=value` argument is passed to every run as a trainer config override.
@@ -28,11 +28,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-
-from benchmarks.trainer_runs import EXIT_OK, TrainerRun, launch, read_records, series  # noqa: E402
-from trainer.config import CHOICES, ConfigError, parse_args_and_overrides  # noqa: E402
-from trainer.resolve import resolve  # noqa: E402
+from benchmarks.harness import EXIT_OK, TrainerRun, launch, read_records, series
+from trainer.config import CHOICES, ConfigError, parse_args_and_overrides
+from trainer.resolve import resolve
 
 OPTIMIZERS = CHOICES["optim.name"]  # every optimizer the trainer knows, AdamW first
 

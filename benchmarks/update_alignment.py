@@ -22,9 +22,9 @@ decrease of the mean loss, <mu, -D> (nats per step, the hidden matrices' share o
 over the probe steps; and cos(-sum D, mu), the alignment of the probe steps' sum: how the steps add up (a rule
 whose steps zig-zag has a sum less aligned than its steps; one whose steps agree, more).
 
-    python benchmarks/update_alignment.py                      # 7 trainer runs + the probes, ~30 min on 2 cores
-    python benchmarks/update_alignment.py --optimizers swan,muon --at 192,384
-    python benchmarks/update_alignment.py --optimizers muon --lrs muon=0.08 --optim.momentum=0 \
+    python -m benchmarks.update_alignment                      # 7 trainer runs + the probes, ~30 min on 2 cores
+    python -m benchmarks.update_alignment --optimizers swan,muon --at 192,384
+    python -m benchmarks.update_alignment --optimizers muon --lrs muon=0.08 --optim.momentum=0 \
         --runs-dir runs/update_alignment_momentum0 --out benchmarks/results/update_alignment_momentum0.md
 
 Any `--section.key=value` argument is passed to every run as a trainer config override. Resumable: a finished
@@ -43,17 +43,14 @@ from pathlib import Path
 import torch
 from torch.distributed.tensor import DTensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+from benchmarks.harness import EXIT_OK, ORDER2_TASK, TrainerRun, launch, run_parallel
+from optim import route_parameters
+from trainer.checkpoint import latest_checkpoint, step_dir_name
+from trainer.config import parse_args_and_overrides
+from trainer.distributed import DistInfo, init_distributed
+from trainer.train import Prepared, prepare, schedule_lrs
 
-from benchmarks.convergence import GENERATED, made_elsewhere  # noqa: E402
-from benchmarks.trainer_runs import EXIT_OK, TrainerRun, launch, run_parallel  # noqa: E402
-from optim import route_parameters  # noqa: E402
-from trainer.checkpoint import latest_checkpoint, step_dir_name  # noqa: E402
-from trainer.config import parse_args_and_overrides  # noqa: E402
-from trainer.distributed import DistInfo, init_distributed  # noqa: E402
-from trainer.train import Prepared, prepare, schedule_lrs  # noqa: E402
-
-# Matrix lr: the interior best of `python benchmarks/convergence.py --data generated --tokens 1572864`.
+# Matrix lr: the interior best of `python -m benchmarks.convergence --data generated --tokens 1572864`.
 BEST_LRS = {
     "adamw": 0.003,
     "swan": 0.01,
@@ -101,7 +98,7 @@ def trainer_run(optimizer: str, args: argparse.Namespace, overrides: list[str]) 
     return TrainerRun(
         f"tiny_{optimizer}",
         (
-            *GENERATED,
+            *ORDER2_TASK,
             "--model.name=llama_tiny",
             f"--train.steps={args.steps}",
             "--train.global_batch_size=16",
@@ -124,7 +121,7 @@ def train_once(run: TrainerRun) -> None:
     """Train the run to its end unless it has finished before (its final checkpoint exists). A run directory
     of other settings (another override under the same name) is an error, never probed as this one."""
     cfg = run.resolved()
-    if made_elsewhere(cfg):
+    if run.made_elsewhere():
         raise SystemExit(f"{cfg.run_dir} was made with other settings: delete it or use another --runs-dir")
     final = latest_checkpoint(cfg.run_dir / "checkpoints")
     if final is not None and final.name == step_dir_name(cfg.train.steps):
@@ -277,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
         for step in args.at:
             rows.append(probe(optimizer, step, runs[optimizer], args, dist_info))
             print(f"{optimizer} at step {step}: cos(-D, mu) {rows[-1].update_cos:.3f}", flush=True)
-    command = "python benchmarks/update_alignment.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.update_alignment " + " ".join(argv if argv is not None else sys.argv[1:])
     text = (
         f"Command: `{command.strip()}`\n"
         f"Setting: llama_tiny, order-2 generated corpus over 64 tokens, 16 x 128 tokens per step, {args.steps} "

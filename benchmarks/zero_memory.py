@@ -9,8 +9,8 @@ bytes the owner exchange sends (each rank's fp32 pieces of the matrices it does 
 as update; computed from DeepSpeed's ZeRO-2 layout and the owner plan, both deterministic) beside ZeRO's own
 gradient reduce-scatter and weight all-gather (ring algorithms: (world - 1) / world of the model per rank each).
 
-    python benchmarks/zero_memory.py                                 # llama_60m, 2 ranks (~15 min on 2 cores)
-    python benchmarks/zero_memory.py --model llama_tiny --optimizers adamw,normuon
+    python -m benchmarks.zero_memory                                 # llama_60m, 2 ranks (~15 min on 2 cores)
+    python -m benchmarks.zero_memory --model llama_tiny --optimizers adamw,normuon
 
 Any `--section.key=value` argument is passed to every run as a trainer config override.
 """
@@ -18,17 +18,12 @@ Any `--section.key=value` argument is passed to every run as a trainer config ov
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-
-from trainer.config import load_config, parse_args_and_overrides  # noqa: E402
+from benchmarks.harness import EXIT_OK, TrainerRun, launch, read_records
+from trainer.config import load_config, parse_args_and_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 2**20
@@ -78,22 +73,14 @@ def run_overrides(
 def measure(args: argparse.Namespace, optimizer: str, engine: str, overrides: list[str]) -> dict[str, float]:
     """Rank 0's memory/* numbers (MiB) at the last step of one run under torchrun; {} if it failed."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.world_size}",
-            str(ROOT / "launch" / "pretrain.py"), "--config", f"tiny_{optimizer}",
-            *run_overrides(args, engine, overrides), f"--train.runs_dir={tmp}", "--train.run_name=run",
-        ]  # fmt: skip
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        metrics = Path(tmp) / "run" / "metrics.jsonl"
-        if proc.returncode or not metrics.is_file():
-            print(
-                f"{optimizer} {engine}: failed (exit {proc.returncode})\n{proc.stderr[-2000:]}",
-                file=sys.stderr,
-            )
+        extra = (f"--train.runs_dir={tmp}", "--train.run_name=run", "--checkpoint.enabled=false")
+        run = TrainerRun(f"tiny_{optimizer}", (*run_overrides(args, engine, overrides), *extra))
+        log = Path(tmp) / "train.log"
+        code = launch(run, log, nproc=args.world_size)
+        records = read_records(Path(tmp) / "run")
+        if code != EXIT_OK or not records:
+            print(f"{optimizer} {engine}: failed (exit {code})\n{log.read_text()[-2000:]}", file=sys.stderr)
             return {}
-        records = [json.loads(line) for line in metrics.read_text().splitlines()]
-        shutil.rmtree(Path(tmp) / "run" / "checkpoints", ignore_errors=True)
     last = [r for r in records if "memory/params_mib" in r][-1]
     return {
         k.removeprefix("memory/").removesuffix("_mib"): v for k, v in last.items() if k.startswith("memory/")
@@ -119,7 +106,8 @@ def exchange_bytes(args: argparse.Namespace, optimizer: str, overrides: list[str
 
     from models import Llama
     from optim import build_optimizer, route_parameters
-    from optim.sharded import assign_owners, concatenation_bounds
+    from optim.sharded import assign_owners
+    from trainer.engines.zero import ZeroStage
     from trainer.resolve import resolve
 
     cfg = load_config(f"tiny_{optimizer}", run_overrides(args, "zero2", overrides))
@@ -131,18 +119,12 @@ def exchange_bytes(args: argparse.Namespace, optimizer: str, overrides: list[str
     matrices, _ = route_parameters(model)
     world = args.world_size
     owners = assign_owners([tuple(p.shape) for p in matrices], world, opt._owner_cost)
-    # ZeRO-1/2 lay a group's params end to end and cut the group into `world` equal partitions
-    sizes = [p.numel() for p in matrices]
-    total = sum(sizes)
-    partition = -(-total // world)
     sent = [0] * world
-    start = 0
-    for size, owner in zip(sizes, owners, strict=True):
-        bounds = concatenation_bounds(size, start, partition, world)
+    layout = ZeroStage(2).concatenated_bounds([p.numel() for p in matrices], world)
+    for bounds, owner in zip(layout, owners, strict=True):
         for rank in range(world):
             if rank != owner:  # its gradient piece out, its update piece back (fp32)
                 sent[rank] += 2 * 4 * (bounds[rank + 1] - bounds[rank])
-        start += size
     n_params = sum(p.numel() for p in model.parameters())
     ring = 4 * n_params * (world - 1) / world
     return {"exchange": max(sent) / MiB, "reduce_scatter": ring / MiB, "all_gather": ring / MiB}

@@ -14,7 +14,7 @@ import torch
 
 from benchmarks.convergence import extension
 from benchmarks.update_alignment import BEST_LRS, cosine_to_mean
-from tests.processes import ROOT, run_command
+from tests.processes import run_command
 from tests.run_helpers import logged
 from trainer.config import load_config
 from trainer.schedule import lr_multiplier
@@ -43,7 +43,8 @@ def test_convergence_quick_writes_table_and_plot_and_resumes(tmp_path: Path) -> 
     runs, out = tmp_path / "runs", tmp_path / "out"
     cmd = [
         sys.executable,
-        str(ROOT / "benchmarks" / "convergence.py"),
+        "-m",
+        "benchmarks.convergence",
         "--quick",
         "--optimizers=adamw,sinkgd",
         "--grid-points=1",
@@ -127,7 +128,8 @@ def test_update_alignment_measures_the_applied_step(tmp_path: Path) -> None:
     out = tmp_path / "alignment.md"
     cmd = [
         sys.executable,
-        str(ROOT / "benchmarks" / "update_alignment.py"),
+        "-m",
+        "benchmarks.update_alignment",
         "--optimizers=sinkgd,muon",
         "--steps=24",
         "--every=12",

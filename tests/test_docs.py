@@ -115,6 +115,8 @@ def test_commands_name_real_scripts_configs_and_keys(doc: Path) -> None:
     for command in _commands(doc):
         for script in re.findall(r"(?:^|\s)((?:launch|benchmarks)/\w+\.py)", command):
             assert (ROOT / script).is_file(), f"{doc.name}: {script} does not exist"
+        for module in re.findall(r"-m (benchmarks\.\w+)", command):
+            assert (ROOT / f"{module.replace('.', '/')}.py").is_file(), f"{doc.name}: no module {module}"
         config = re.search(r"--config[ =](\S+)", command)
         if config is None or "launch/pretrain.py" not in command or "runs/" in config.group(1):
             continue

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 
 from optim import OPTIMIZER_NAMES
-from tests.processes import ROOT, run_command
+from tests.processes import run_command
 
 pytestmark = pytest.mark.slow
 
 
 def test_the_smoke_mode_runs_every_section_and_passes(tmp_path: Path) -> None:
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_acceptance.py"), "--smoke", "--out", str(tmp_path)]
+    cmd = [sys.executable, "-m", "benchmarks.gpu_acceptance", "--smoke", "--out", str(tmp_path)]
     result = run_command([*cmd, "--runs-dir", str(tmp_path / "runs")], timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (report,) = tmp_path.glob("acceptance-*-cpu.md")

@@ -10,6 +10,7 @@ import datetime
 import gc
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,12 @@ def resolve_device(device: str, local_rank: int) -> torch.device:
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+def torchrun_command(nproc: int) -> list[str]:
+    """`torchrun --standalone --nproc_per_node=<nproc>` through this interpreter: how the tests and the benchmarks
+    start a job of several processes on one machine (append the script or `-m module` and its arguments)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
 
 
 def restart_safe_store(world_size: int, timeout: datetime.timedelta) -> dist.Store | None:

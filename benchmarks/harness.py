@@ -1,7 +1,10 @@
-"""Launch the real trainer (launch/pretrain.py) in a subprocess and read back what it writes.
+"""The benchmarks' one harness: how they launch the real trainer (launch/pretrain.py) and their own measurements in
+fresh processes, and how they read back what a run wrote.
 
 Why a subprocess per run: the benchmarks measure the product as a user runs it (its config validation, loop,
 checkpoint resume and metrics.jsonl), not a copy of its loop, and each run gets a clean process and thread pool.
+Every benchmark runs as a module from the repository root (`python -m benchmarks.<name>`), so nothing edits
+`sys.path`.
 """
 
 from __future__ import annotations
@@ -19,17 +22,17 @@ from typing import TypeVar
 
 import torch
 
+from models import Llama
+from optim import build_optimizer, route_parameters
+from trainer.config import Config, load_config
+from trainer.distributed import torchrun_command
+from trainer.resolve import build_model, resolve
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-
-from models import Llama  # noqa: E402
-from optim import build_optimizer, route_parameters  # noqa: E402
-from trainer.config import Config, load_config  # noqa: E402
-from trainer.resolve import resolve  # noqa: E402
-from trainer.train import build_model  # noqa: E402
-
 PRETRAIN = ROOT / "launch" / "pretrain.py"
 EXIT_OK, EXIT_DIVERGED = 0, 3  # launch/pretrain.py: success; NonFiniteError (loss or gradient NaN/inf)
+# The order-2 generated task (the next token depends on the last two): the plateau diagnostic's data
+ORDER2_TASK = ("--data.vocab_size=64", "--data.generated_order=2")
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -49,6 +52,14 @@ class TrainerRun:
     def run_dir(self) -> Path:
         return self.resolved().run_dir
 
+    def made_elsewhere(self) -> bool:
+        """Whether its run directory was left by other settings (another budget, data, lr): such a directory
+        must not be resumed or reused. The saved config is read through load_config, so a field added to the
+        trainer since, at its default, still matches."""
+        cfg = self.resolved()
+        saved = cfg.run_dir / "config.yaml"
+        return saved.is_file() and load_config(str(saved)).to_dict() != cfg.to_dict()
+
 
 class RunBusy(RuntimeError):
     """Another process is training this run directory right now."""
@@ -61,16 +72,7 @@ def launch(run: TrainerRun, log_path: Path, nproc: int = 1, threads: int | None 
     An flock on log_path, shared with the trainer process, keeps a second benchmark from training the same run
     directory at the same time (the OS drops it when both have exited, however they ended): RunBusy.
     """
-    if nproc > 1:
-        launcher = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-        ]
-    else:
-        launcher = [sys.executable]
+    launcher = torchrun_command(nproc) if nproc > 1 else [sys.executable]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -82,6 +84,18 @@ def launch(run: TrainerRun, log_path: Path, nproc: int = 1, threads: int | None 
             raise RunBusy(f"{log_path.parent} is being trained by another process") from None
         cmd = [*launcher, str(PRETRAIN), "--config", run.config, *run.overrides]
         return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
+
+
+def run_module(
+    module: str, args: list[str], threads: int, env: dict[str, str] | None = None
+) -> tuple[int, str]:
+    """`python -m <module> <args>` in a fresh process from the repository root (a measurement that needs a process
+    of its own, e.g. for its peak resident memory); (exit code, stdout), its stderr passed through."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), **(env or {})}
+    done = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
+    )
+    return done.returncode, done.stdout
 
 
 def run_parallel(fn: Callable[[T], R], items: Iterable[T], jobs: int) -> list[R]:
@@ -137,7 +151,7 @@ class StateBytes:
     matrix_elements: int
 
 
-def optimizer_state_bytes(cfg: Config, data_vocab: int) -> StateBytes:
+def state_bytes_of(cfg: Config, data_vocab: int) -> StateBytes:
     """The state tensors of the run's optimizer on the run's model after one step.
 
     Built on the meta device (shapes and dtypes, no memory), so it is exact and instant at any model size.
