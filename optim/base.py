@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
+from functools import partial, reduce
 from typing import Any
 
 import torch
@@ -413,9 +413,10 @@ class MatrixOptimizer(torch.optim.Optimizer):
         """W <- W (1 - lr wd) - lr * scale * direction (scale: a number or a broadcastable tensor)."""
         lr, wd = slot.group["lr"], slot.group["weight_decay"]
         if self._health is not None:
-            scaled = direction.float() * scale
+            dtype = self._health.sums.dtype  # fp32, float64 for float64 parameters (_start_health)
+            scaled = direction.to(dtype) * scale
             self._health.sums[0] += scaled.square().sum() * lr**2
-            self._health.sums[1] += slot.weight.float().square().sum()
+            self._health.sums[1] += slot.weight.to(dtype).square().sum()
             # the probe's rows of the applied update, for the spectrum (report() time)
             if slot.param is self._probe_now:
                 self._health.probe_update = scaled.mul_(lr)
@@ -455,7 +456,10 @@ class MatrixOptimizer(torch.optim.Optimizer):
         return lambda whole: record(orthogonality_error(whole))
 
     def _start_health(self, slots: list[MatrixSlot]) -> StepHealth:
-        sums = torch.zeros(3, dtype=torch.float32, device=slots[0].weight.device)
+        """The step's health sums in the parameters' math dtype (fp32; float64 for float64 parameters, whose
+        numbers are then exact to float64 rounding like their update)."""
+        dtype = reduce(torch.promote_types, (math_dtype(s.param) for s in slots))
+        sums = torch.zeros(3, dtype=dtype, device=slots[0].weight.device)
         numel = sum(s.rows * s.cols for s in slots)
         groups = shard_groups([s.param for s in slots])
         return StepHealth(sums, numel, *groups, orthogonality=self.reports_orthogonality)

@@ -16,9 +16,13 @@ import pytest
 import torch
 import torch.multiprocessing
 
-# Tests are small; one thread per process keeps multi-process tests from fighting over two cores.
+from tests.processes import threads_per_process
+
+# Tests are small; one thread per process keeps multi-process tests from fighting over two cores. An OMP_NUM_THREADS
+# given to the suite is honoured here, in run_distributed's workers and in every command (tests/processes.py):
+# `OMP_NUM_THREADS=2 python -m pytest ...` runs every process with 2 threads, another reduction order.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-torch.set_num_threads(1)
+torch.set_num_threads(threads_per_process())
 
 # Every way a test (or a library under it) starts a process: subprocess (run, check_output, os.popen, ...),
 # multiprocessing (Process, Pool, ProcessPoolExecutor, torch.multiprocessing.spawn), and the os primitives.

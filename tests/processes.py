@@ -1,8 +1,9 @@
 """Commands in child processes, as a user runs them: the one place tests start a subprocess.
 
-ROOT is the repository, ENV the environment of every child (one thread per process: several share two cores;
-unbuffered output, so a killed child's last lines are still in its log). A test that calls anything here starts
-a process, so it is marked `@pytest.mark.slow` (tests/conftest.py fails it otherwise).
+ROOT is the repository, ENV the environment of every child (threads_per_process() threads each: OMP_NUM_THREADS,
+1 unless the suite was started with another; unbuffered output, so a killed child's last lines are still in its
+log). A test that calls anything here starts a process, so it is marked `@pytest.mark.slow` (tests/conftest.py
+fails it otherwise).
 """
 
 from __future__ import annotations
@@ -14,8 +15,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
+
+def threads_per_process() -> int:
+    """Torch threads of every test process (pytest's, run_distributed's workers, the commands started here): the
+    OMP_NUM_THREADS the suite was started with, 1 when unset (tests/conftest.py sets that default). Tests are small
+    and several processes share two cores, hence 1; `OMP_NUM_THREADS=2 python -m pytest ...` runs every process
+    with 2, which changes the reduction order of multi-threaded kernels (what a tolerance must absorb)."""
+    value = os.environ.get("OMP_NUM_THREADS") or "1"
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"OMP_NUM_THREADS must be a positive integer for the tests; got {value!r}")
+    return int(value)
+
+
 ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+ENV = {**os.environ, "OMP_NUM_THREADS": str(threads_per_process()), "PYTHONUNBUFFERED": "1"}
 PRETRAIN = ROOT / "launch" / "pretrain.py"
 
 

@@ -29,7 +29,10 @@ def test_the_checkpoint_loads_into_one_process_with_the_trained_weights(run_dir:
         run_dir=run_dir,
     )  # fmt: skip
     loss = evaluate(model, data.held_out, cfg.train.micro_batch_size, torch.device("cpu"))
-    assert loss == pytest.approx(logged(run_dir, "eval/loss")[-1], abs=1e-5)
+    # the same weights and batches (FSDP2 all-gathers them bit for bit); only the mean over the held-out set's 4
+    # micro-batches is summed in another grouping (per rank, then over ranks): <= 4 u32 = 2.4e-7 relative, 1.5e-6
+    # at a loss of 6.2; 1e-5 is 7 times that
+    assert loss == pytest.approx(logged(run_dir, "eval/loss")[-1], abs=1e-5, rel=0)
 
 
 @pytest.mark.slow
@@ -45,7 +48,9 @@ def test_transformers_loads_the_export_and_gives_our_logits(run_dir: Path, tmp_p
     with torch.no_grad():
         expected, got = ours(tokens), hf(tokens).logits
     assert got.shape == expected.shape == (2, 24, ours.cfg.vocab_size)
-    assert (got - expected).abs().max().item() < 1e-5
+    assert (
+        got - expected
+    ).abs().max().item() < 1e-5  # two fp32 implementations: see test_model's LOGITS_ATOL
     assert expected.std().item() > 0.1  # real logits of a trained model, not zeros
 
 

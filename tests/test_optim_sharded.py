@@ -56,21 +56,28 @@ def test_same_shapes_are_dealt_round_robin_most_expensive_first():
     assert assign_owners([(2, 2), (3, 3)], 4) == [1, 0]  # fewer matrices than slots: distinct owners
 
 
+# NS5 of a matrix batched with others (or assembled from row blocks) against NS5 of it alone, both float64: the
+# same operations, but a batched matmul may block its sums otherwise (n u64 each, n <= 21 terms, u64 = 1.1e-16;
+# entries are O(1)) and 5 iterations amplify that by at most a few hundred: 1e-12 (1e4 u64) is far above it, and
+# far below any real change (a bf16 cast on the wire would be 4e-3, an fp32 one 6e-8).
+F64_TOL = {"rtol": 1e-12, "atol": 1e-12}
+
+
 def test_unsharded_path_is_fn_on_the_matrices_without_a_wire_cast():
     gen = torch.Generator().manual_seed(0)
-    blocks = [torch.randn(shape, generator=gen) for shape in [(5, 3), (2, 6), (5, 3)]]
+    blocks = [torch.randn(shape, generator=gen, dtype=torch.float64) for shape in [(5, 3), (2, 6), (5, 3)]]
     infos = [ShardInfo(b.shape, None, 0, 1) for b in blocks]
     calls, probed = [], []
 
     def fn(batch: torch.Tensor) -> torch.Tensor:
         calls.append(tuple(batch.shape))
-        return newton_schulz5(batch, dtype=torch.float32)
+        return newton_schulz5(batch, dtype=torch.float64)
 
     out = apply_to_whole_matrices(fn, blocks, infos, comm_dtype=torch.bfloat16, probe=probed.append)
     assert sorted(calls) == [(1, 2, 6), (2, 5, 3)]  # one call per shape
     for block, result in zip(blocks, out, strict=True):
-        torch.testing.assert_close(result, newton_schulz5(block, dtype=torch.float32), rtol=1e-6, atol=1e-7)
-        assert result.dtype == torch.float32
+        torch.testing.assert_close(result, newton_schulz5(block, dtype=torch.float64), **F64_TOL)
+        assert result.dtype == torch.float64
     assert len(probed) == 1 and torch.equal(probed[0], out[0])
 
 
@@ -79,15 +86,17 @@ SHAPES = [(13, 7), (13, 7), (21, 13), (1, 5), (21, 13), (7, 21), (13, 7), (5, 5)
 
 def _exchange_paths() -> dict[str, list[torch.Tensor]]:
     """apply_to_whole_matrices on this rank's row blocks and on element-range pieces (ZeRO-style bounds), each
-    with the exchange in one round and in 1..5 overlapped rounds, plus the whole matrices computed here."""
+    with the exchange in one round and in 1..5 overlapped rounds, plus the whole matrices computed here; float64
+    throughout (matrices, NS5 and the wire)."""
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
     group = dist.group.WORLD
     wholes = [
-        torch.randn(shape, generator=torch.Generator().manual_seed(i)) for i, shape in enumerate(SHAPES)
+        torch.randn(shape, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+        for i, shape in enumerate(SHAPES)
     ]
-    fn = lambda batch: newton_schulz5(batch, dtype=torch.float32)  # noqa: E731
+    fn = lambda batch: newton_schulz5(batch, dtype=torch.float64)  # noqa: E731
     rows = [ShardInfo(w.shape, group, rank, world) for w in wholes]
     row_blocks = [w[info.row_slice(rank)] for w, info in zip(wholes, rows, strict=True)]
     out = {"whole": [fn(w[None])[0] for w in wholes]}
@@ -125,9 +134,7 @@ def test_overlapped_rounds_and_element_ranges_give_the_same_bits(world) -> None:
             assert torch.equal(got, ref), key
     rows = [ShardInfo(torch.Size(s), None, 0, world) for s in SHAPES]
     for got, w, info in zip(out["rows_1"], whole, rows, strict=True):
-        torch.testing.assert_close(
-            got, w[info.row_slice(0)], rtol=1e-6, atol=1e-6
-        )  # = the whole result's rows
+        torch.testing.assert_close(got, w[info.row_slice(0)], **F64_TOL)  # = the whole result's rows
     for got, w, piece in zip(out["elements_1"], whole, out["pieces"], strict=True):
         assert got.shape == piece.shape and got.ndim == 1
-        torch.testing.assert_close(got, w.reshape(-1)[: got.numel()], rtol=1e-6, atol=1e-6)  # rank 0: from 0
+        torch.testing.assert_close(got, w.reshape(-1)[: got.numel()], **F64_TOL)  # rank 0: from 0
