@@ -38,7 +38,7 @@ class StepHealth:
     group: dist.ProcessGroup | None  # their shard group
     replicate_group: dist.ProcessGroup | None  # HSDP: their replicas (the orth_error may sit in another one)
     orthogonality: bool = False  # whether the rule reports orth_error
-    # This rank's rows (possibly none) of the probed matrix's applied update, lr * scale * direction in fp32 (the
+    # This rank's rows (possibly none) of the probed matrix's applied update, lr * scale * direction in the math dtype (the
     # first matrix of the first matrix group, MatrixOptimizer._probe): update_spectral_norm / update_stable_rank.
     probe_update: Tensor | None = None
 

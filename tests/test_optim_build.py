@@ -154,10 +154,13 @@ def test_build_rejects_unknown_name():
 
 
 def _params_with_grads(seed: int = 0) -> list[nn.Parameter]:
+    """float64 matrices: the rules then keep float64 state and sums, so the health numbers can be held to the
+    update measured as W_after - W_before, which in fp32 would lose three digits to cancellation (|W| ~ 1000 lr)."""
     gen = torch.Generator().manual_seed(seed)
-    params = [nn.Parameter(torch.randn(s, generator=gen)) for s in [(16, 16), (12, 20), (20, 12)]]
+    shapes = [(16, 16), (12, 20), (20, 12)]
+    params = [nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in shapes]
     for p in params:
-        p.grad = torch.randn(p.shape, generator=gen)
+        p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
     return params
 
 
@@ -185,20 +188,22 @@ def test_health_is_empty_unless_tracked():
 @pytest.mark.parametrize("cls", [SinkGD, Muon, NorMuon, SWAN])
 def test_health_matches_the_applied_update(cls):
     params = _params_with_grads()
-    opt = cls(params, ns_dtype="float32") if cls is not SinkGD else cls(params)
+    opt = cls(params, ns_dtype="float64") if cls is not SinkGD else cls(params)
     before = [p.detach().clone() for p in params]
     with track_health(opt) as tracked:
         opt.step()
     rms, ratio = _update_stats(before, params)
     health = tracked.report()
-    assert health["update_rms"] == pytest.approx(rms, rel=1e-5)
-    assert health["update_weight_ratio"] == pytest.approx(ratio, rel=1e-5)
+    # float64 throughout: cancellation in W_after - W_before costs ~1e3 x 1e-16
+    assert health["update_rms"] == pytest.approx(rms, rel=1e-9)
+    assert health["update_weight_ratio"] == pytest.approx(ratio, rel=1e-9)
     if cls is SinkGD:
-        assert health["update_rms"] == pytest.approx(1e-3, rel=1e-6)  # per-element RMS exactly 1 times lr
+        assert health["update_rms"] == pytest.approx(1e-3, rel=1e-9)  # per-element RMS exactly 1 times lr
     if cls is Muon:  # the first matrix (square): O = -dW / lr
         o = (before[0] - params[0].detach()) / 0.02
-        expected = torch.linalg.matrix_norm(o @ o.T - torch.eye(16)) / 4
-        assert health["orth_error"] == pytest.approx(expected.item(), rel=1e-4)
+        expected = torch.linalg.matrix_norm(o @ o.T - torch.eye(16, dtype=o.dtype)) / 4
+        # orth_error is computed in fp32 (16-term dot products: ~16 x 6e-8 of entries of size ~1)
+        assert health["orth_error"] == pytest.approx(expected.item(), rel=1e-5)
         assert 0.0 < health["orth_error"] < 1.0
 
 
@@ -216,9 +221,9 @@ def test_health_of_torch_adamw_recomputes_the_last_update():
     )
     with track_health(opt) as tracked:
         pass
-    health = tracked.report()
-    assert health["update_rms"] == pytest.approx(rms, rel=1e-5)
-    assert health["update_weight_ratio"] == pytest.approx(after_ratio, rel=1e-5)
+    health = tracked.report()  # recomputed in float64 from float64 state: exact to ~1e-13 of the cancellation above
+    assert health["update_rms"] == pytest.approx(rms, rel=1e-9)
+    assert health["update_weight_ratio"] == pytest.approx(after_ratio, rel=1e-9)
     with track_health(torch.optim.SGD(params, lr=0.1)) as tracked:
         pass
     assert tracked.report() == {}
