@@ -105,7 +105,7 @@ def exchange_bytes(args: argparse.Namespace, optimizer: str, overrides: list[str
     import torch
 
     from models import Llama
-    from optim import build_optimizer, route_parameters
+    from optim import MatrixOptimizer, build_optimizer, route_parameters
     from optim.sharded import assign_owners
     from trainer.engines.zero import ZeroStage
     from trainer.resolve import resolve
@@ -114,11 +114,11 @@ def exchange_bytes(args: argparse.Namespace, optimizer: str, overrides: list[str
     with torch.device("meta"):
         model = Llama(resolve(cfg, args.world_size, "cpu").model)
     opt = build_optimizer(cfg.optim, model)
-    if not hasattr(opt, "_owner_cost"):
+    if not isinstance(opt, MatrixOptimizer):
         return None
     matrices, _ = route_parameters(model)
     world = args.world_size
-    owners = assign_owners([tuple(p.shape) for p in matrices], world, opt._owner_cost)
+    owners = assign_owners([tuple(p.shape) for p in matrices], world, opt.owner_cost)
     sent = [0] * world
     layout = ZeroStage(2).concatenated_bounds([p.numel() for p in matrices], world)
     for bounds, owner in zip(layout, owners, strict=True):

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from optim.adamw import AdamW
 from optim.auon import AuON, HybridAuON
 from optim.base import MatrixOptimizer, step_params
 from optim.health import track_health
@@ -71,14 +72,12 @@ def build_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
     if cfg.name == "adamw":
         params = [p for p in model.parameters() if p.requires_grad]
         if cfg.adamw_lr is None and cfg.adamw_weight_decay is None:
-            return torch.optim.AdamW(
-                params, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay
-            )
+            return AdamW(params, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
         # The same two lrs the matrix optimizers have: hidden matrices at lr, embedding, head, norms at adamw_lr
         # (a fair baseline tunes both, or the comparison measures the embedding lr instead of the matrix rule).
         matrices, others = route_parameters(model)
         split = [{"params": matrices}, {"params": others, "lr": rest_lr, "weight_decay": rest_wd}]
-        return torch.optim.AdamW(
+        return AdamW(
             [g for g in split if g["params"]],
             lr=cfg.lr,
             betas=betas,
@@ -108,6 +107,7 @@ def build_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
 
 __all__ = [
     "OPTIMIZERS",
+    "AdamW",
     "OPTIMIZER_NAMES",
     "SWAN",
     "AuON",

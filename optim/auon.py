@@ -17,10 +17,10 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from optim.base import MatrixOptimizer, MatrixSlot
+from optim.base import MatrixOptimizer
 from optim.newton_schulz import NS5_EPS
 from optim.options import MOMENTUM, NESTEROV, NEWTON_SCHULZ, VARIANT
-from optim.sharded import all_reduce_sums
+from optim.sharded import MatrixSlot, all_reduce_sums
 
 COSH_EPS = 1e-8
 COSH_GAMMA = 1.5  # reference_code: the cosh's argument is gamma X / (|X|_F + 1e-7) (the code's `gamma`)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import partial, reduce
 from typing import Any
 
@@ -21,14 +20,16 @@ import torch
 from torch import Tensor
 from torch.optim.adamw import adamw as functional_adamw
 
-from optim.health import HealthTracker, StepHealth, shard_groups
-from optim.newton_schulz import newton_schulz5, ns5_flops, orthogonality_error
+from optim.health import NO_RECORD, HealthTracker, NoRecord, StepHealth, shard_groups
+from optim.newton_schulz import newton_schulz5, ns5_flops
 from optim.options import Option, check_arguments
+from optim.routing import is_adamw_group
 from optim.sharded import (
     OVERLAP_BUCKETS,
+    CommClock,
     FlatLayout,
-    OwnerExchange,
-    ShardInfo,
+    FlatPartition,
+    MatrixSlot,
     apply_to_whole_matrices,
     local,
     math_dtype,
@@ -75,26 +76,6 @@ def _tf32_on_cuda(fn: Callable[[Tensor], Tensor], batch: Tensor) -> Tensor:
         torch.set_float32_matmul_precision(precision)
 
 
-@dataclass
-class MatrixSlot:
-    """One matrix parameter in one step: its group, state, shard info and local blocks."""
-
-    param: Tensor
-    group: dict
-    state: dict
-    info: ShardInfo
-    weight: Tensor  # local block of the parameter (updated in place)
-    grad: Tensor  # local block of the gradient (read only: logging reads grads after the step)
-
-    @property
-    def rows(self) -> int:
-        return self.info.shape[0]
-
-    @property
-    def cols(self) -> int:
-        return self.info.shape[1]
-
-
 def step_params(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> None:
     """optimizer.step() on `params` only: each param group narrowed to them, with its current settings (lr
     included) and the optimizer's own state, so the result is the one a full step gives those params. Exact for
@@ -128,8 +109,10 @@ def step_chunks(slots: list[MatrixSlot], max_bytes: int) -> list[list[MatrixSlot
 class MatrixOptimizer(torch.optim.Optimizer):
     """Base class: the subclass's matrix rule for 2-D params, AdamW for groups with algorithm="adamw".
 
-    Steps taken inside `with optimizer.tracking_health() as health:` add their update statistics to `health`
-    (optim.health); nothing extra is computed otherwise.
+    It keeps what does not depend on the rule: param groups, the AdamW groups, state, chunking and the update
+    itself. Distribution is optim/sharded.py's (row shards, owner-computes, ZeRO's flat partitions), health
+    optim/health.py's: steps taken inside `with optimizer.tracking_health() as health:` record their updates
+    into it; nothing extra is computed otherwise.
     """
 
     algorithm: str = ""  # the matrix rule's name, stored in its param groups
@@ -154,28 +137,29 @@ class MatrixOptimizer(torch.optim.Optimizer):
         check_arguments(cls.__name__, cls.options, values)
 
     def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
-        self._tracker: HealthTracker | None = None
-        self._probe: Tensor | None = None  # orth_error and spectrum: the first of the first matrix group
-        self._health: StepHealth | None = None  # the measured step's sums, while it runs
-        self._probing = False
-        self._probe_now: Tensor | None = None  # the probe's param in the rule running now (_run_rule)
-        self._flat: dict[int, tuple[FlatLayout, OwnerExchange]] = {}  # id(flat partition) -> its layout, plan
+        self._tracker: HealthTracker | None = None  # set inside tracking_health()
+        self._sampled: Tensor | None = (
+            None  # orth_error and update spectrum: the first of the first matrix group
+        )
+        self._record: StepHealth | NoRecord = NO_RECORD  # where the running step's updates are recorded
+        self._partitions: dict[int, FlatPartition] = {}  # id(ZeRO flat partition) -> how it is stepped
+        self.comm_clock = CommClock()  # exposed communication of the owner exchange, taken by the engine
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         params = param_group["params"]
         param_group["params"] = [params] if isinstance(params, Tensor) else list(params)
-        algorithm = param_group.setdefault("algorithm", self.algorithm)
-        if algorithm == "adamw":
+        param_group.setdefault("algorithm", self.algorithm)
+        if is_adamw_group(param_group):
             for key, value in ADAMW_DEFAULTS.items():
                 param_group.setdefault(key, value)
-        elif algorithm != self.algorithm:
+        elif param_group["algorithm"] != self.algorithm:
             raise ValueError(
                 f"{type(self).__name__}: param group algorithm must be 'adamw' or {self.algorithm!r}"
             )
         else:
-            if self._probe is None and param_group["params"]:
-                self._probe = param_group["params"][0]
+            if self._sampled is None and param_group["params"]:
+                self._sampled = param_group["params"][0]
             for p in param_group["params"]:
                 if p.ndim == 1:
                     raise ValueError(
@@ -197,7 +181,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         slots: list[MatrixSlot] = []
         flats: list[tuple[dict, Tensor]] = []
         for group in self.param_groups:
-            if group["algorithm"] == "adamw":
+            if is_adamw_group(group):
                 self._adamw_step(group)
                 continue
             for p in group["params"]:
@@ -207,96 +191,68 @@ class MatrixOptimizer(torch.optim.Optimizer):
                     flats.append((group, p))
                 else:
                     slots.append(MatrixSlot(p, group, self.state[p], shard_info(p), local(p), local(p.grad)))
-        self._health = self._start_health(slots) if self._tracker is not None and slots else None
-        self._run_rule(slots, self._probe)
-        if self._health is not None:
-            self._tracker.add(self._health)
-            self._health = None
+        self._run_rule(slots, self._new_record(slots))
         for group, flat in flats:
-            self._flat_step(group, flat)
+            self._step_partition(group, flat)
         return loss
 
-    def _run_rule(self, slots: list[MatrixSlot], probe: Tensor | None) -> None:
-        """The rule on `slots`, a chunk at a time. The slot whose param is `probe` is the health probe: its
-        update is kept, and its chunk reports its orth_error (so it must lead its chunk)."""
-        self._probe_now = probe
+    def _run_rule(self, slots: list[MatrixSlot], record: StepHealth | NoRecord) -> None:
+        """The rule on `slots`, a chunk at a time, every update recorded in `record` (the sampled matrix leads the
+        first chunk, which reports its orth_error)."""
+        self._record = record
         try:
             for chunk in step_chunks(slots, self.max_step_bytes):
-                self._probing = chunk[0].param is probe
                 self._matrix_step(chunk)
         finally:
-            self._probing, self._probe_now = False, None
+            self._record = NO_RECORD
+        if self._tracker is not None and record is not NO_RECORD:
+            self._tracker.add(record)
+
+    def _new_record(self, slots: list[MatrixSlot]) -> StepHealth | NoRecord:
+        """The record of a step over row-sharded (or whole) matrices: sums in the parameters' math dtype (fp32;
+        float64 for float64 parameters, whose numbers are then exact to float64 rounding like their update)."""
+        if self._tracker is None or not slots:
+            return NO_RECORD
+        dtype = reduce(torch.promote_types, (math_dtype(s.param) for s in slots))
+        sums = torch.zeros(3, dtype=dtype, device=slots[0].weight.device)
+        numel = sum(s.rows * s.cols for s in slots)
+        groups = shard_groups([s.param for s in slots])
+        return StepHealth(sums, numel, *groups, self.reports_orthogonality, self._sampled)
 
     def use_flat_partitions(self, layouts: dict[Tensor, FlatLayout]) -> None:
         """Step matrix groups whose params DeepSpeed ZeRO replaced by flat 1-D partitions: `layouts` maps each
-        partition to the matrices it holds pieces of. Without a layout a flat partition is refused (a matrix rule
-        never runs on a flattened partition)."""
-        self._flat = {
-            id(flat): (layout, OwnerExchange(layout.infos, self._owner_cost))
-            for flat, layout in layouts.items()
+        partition to the matrices it holds pieces of (optim.sharded.FlatPartition steps them). Without a layout a
+        flat partition is refused (a matrix rule never runs on a flattened partition)."""
+        self._partitions = {
+            id(flat): FlatPartition(layout, self.owner_cost) for flat, layout in layouts.items()
         }
 
-    def _owner_cost(self, m: int, n: int) -> float:
-        """What a flat step balances its owners on: the rule's dominant FLOPs per (m, n) matrix, Newton-Schulz's
-        for the rules that configure it, else the element count (row, column and norm math)."""
+    def owner_cost(self, m: int, n: int) -> float:
+        """What owners are balanced on for a ZeRO flat step, and what the memory planner and benchmarks ask: the
+        rule's dominant FLOPs per (m, n) matrix, Newton-Schulz's for the rules that configure it, else the element
+        count (row, column and norm math)."""
         steps = getattr(self, "ns_steps", None)
         return ns5_flops(m, n, steps) if steps is not None else float(m * n)
 
-    def _flat_step(self, group: dict, flat: Tensor) -> None:
-        """One flat partition's matrices, owner-computes: one all-to-all brings every piece of each matrix's
-        gradient to the rank that owns it (balanced by cost, as under FSDP2); the owner runs the rule on the whole
-        matrix with the matrix's state, which lives only there; a second all-to-all returns each rank's piece of
-        the update lr * scale * direction, applied to the partition with the decoupled weight decay. Row- and
-        column-wise math and norms all run on whole matrices, so no other collective is needed. fp32 on the wire
-        both ways: the gradient feeds fp32 state, and the update is what the partition receives."""
-        if id(flat) not in self._flat:
+    def _step_partition(self, group: dict, flat: Tensor) -> None:
+        """One ZeRO flat partition's matrices, owner-computes (optim.sharded.FlatPartition), the rule running on the
+        whole matrices this rank owns."""
+        if id(flat) not in self._partitions:
             raise RuntimeError(
                 f"{type(self).__name__}: a param group holds a flat partition with no layout; a matrix rule never "
                 f"runs on a flattened partition (DeepSpeed ZeRO: see trainer/engines/deepspeed.py)"
             )
-        layout, plan = self._flat[id(flat)]
-        wholes = plan.to_owners(layout.pieces(flat.grad.float()), torch.float32, flat.device)
+        part = self._partitions[id(flat)]
         owned = self.state[flat].setdefault("owned", {})  # matrix index -> that matrix's state
-        probe_index = next((k for k, p in enumerate(layout.params) if p is self._probe), None)
-        order = sorted(wholes, key=lambda k: k != probe_index)  # the probe leads its chunk
-        # the owner's slots: whole gradients, and a zero "weight" that the rule turns into -lr * scale * direction
-        slots = [
-            MatrixSlot(
-                wholes[k],
-                group,
-                owned.setdefault(k, {}),
-                shard_info(wholes[k]),
-                torch.zeros_like(wholes[k]),
-                wholes[k],
-            )  # fmt: skip
-            for k in order
-        ]
+        slots = part.gather(flat, group, owned, self._sampled, self.comm_clock)
+        record: StepHealth | NoRecord = NO_RECORD
         if self._tracker is not None:
-            self._health = self._start_flat_health(layout, flat, probe_index)
-        self._run_rule(slots, slots[0].param if probe_index in wholes else None)
-        updates = plan.to_rows(
-            {k: s.weight for k, s in zip(order, slots, strict=True)}, torch.float32, flat.device
-        )
-        lr, wd = group["lr"], group["weight_decay"]
-        for k, piece in enumerate(layout.pieces(flat)):
-            if wd:
-                piece.mul_(1 - lr * wd)
-            piece.add_(updates[k].to(piece.dtype))
-        if self._health is not None:
-            self._tracker.add(self._health)
-            self._health = None
-
-    def _start_flat_health(self, layout: FlatLayout, flat: Tensor, probe_index: int | None) -> StepHealth:
-        """A flat step's health: |W|^2 from this rank's pieces (each element on one rank), the update sums from
-        the owners; the probed matrix's update is whole on its owner and zero rows elsewhere."""
-        info = layout.infos[0]
-        sums = torch.zeros(3, dtype=torch.float32, device=flat.device)
-        sums[1] = sum(piece.float().square().sum() for piece in layout.pieces(flat))
-        numel = sum(i.shape.numel() for i in layout.infos)
-        health = StepHealth(sums, numel, info.group, None, orthogonality=self.reports_orthogonality)
-        if probe_index is not None:
-            health.probe_update = torch.zeros(0, layout.infos[probe_index].shape[1], device=flat.device)
-        return health
+            index = part.index_of(self._sampled)
+            here = slots[0][1].param if slots and slots[0][0] == index else None
+            cols = part.layout.infos[index].shape[1] if index is not None else None
+            record = StepHealth.of_partition(part.layout, flat, here, cols, self.reports_orthogonality)
+        self._run_rule([slot for _, slot in slots], record)
+        part.scatter(flat, group, slots, self.comm_clock)
 
     @contextmanager
     def tracking_health(self) -> Iterator[HealthTracker]:
@@ -319,7 +275,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         the parameter's dtype (bf16 parameters would silently get bf16 state)."""
         params = {}
         for saved, group in zip(state_dict["param_groups"], self.param_groups, strict=False):
-            if group["algorithm"] != "adamw":
+            if not is_adamw_group(group):
                 params.update(zip(saved["params"], group["params"], strict=False))
         state = dict(state_dict["state"])
         kept = {pid: state.pop(pid) for pid in list(state) if pid in params}
@@ -412,14 +368,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
     def _apply_update(self, slot: MatrixSlot, direction: Tensor, scale: float | Tensor) -> None:
         """W <- W (1 - lr wd) - lr * scale * direction (scale: a number or a broadcastable tensor)."""
         lr, wd = slot.group["lr"], slot.group["weight_decay"]
-        if self._health is not None:
-            dtype = self._health.sums.dtype  # fp32, float64 for float64 parameters (_start_health)
-            scaled = direction.to(dtype) * scale
-            self._health.sums[0] += scaled.square().sum() * lr**2
-            self._health.sums[1] += slot.weight.to(dtype).square().sum()
-            # the probe's rows of the applied update, for the spectrum (report() time)
-            if slot.param is self._probe_now:
-                self._health.probe_update = scaled.mul_(lr)
+        self._record.add_update(slot.param, slot.weight, direction, scale, lr)
         if wd:
             slot.weight.mul_(1 - lr * wd)
         if isinstance(scale, Tensor):
@@ -443,23 +392,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
             inputs,
             [s.info for s in slots],
             comm_dtype=self.comm_dtype,
-            probe=self._orth_probe(),
+            probe=self._record.orthogonality_probe(slots[0].param),
             cost=partial(cost, steps=self.ns_steps),
             buckets=self.overlap_buckets,
+            clock=self.comm_clock,
         )
-
-    def _orth_probe(self) -> Callable[[Tensor], None] | None:
-        """The probe for apply_to_whole_matrices: orth_error of the probed matrix, when tracking."""
-        if self._health is None or not self.reports_orthogonality or not self._probing:
-            return None
-        record = self._health.record_orthogonality
-        return lambda whole: record(orthogonality_error(whole))
-
-    def _start_health(self, slots: list[MatrixSlot]) -> StepHealth:
-        """The step's health sums in the parameters' math dtype (fp32; float64 for float64 parameters, whose
-        numbers are then exact to float64 rounding like their update)."""
-        dtype = reduce(torch.promote_types, (math_dtype(s.param) for s in slots))
-        sums = torch.zeros(3, dtype=dtype, device=slots[0].weight.device)
-        numel = sum(s.rows * s.cols for s in slots)
-        groups = shard_groups([s.param for s in slots])
-        return StepHealth(sums, numel, *groups, orthogonality=self.reports_orthogonality)

@@ -7,43 +7,108 @@ The caller asks for them explicitly, around the steps it wants measured:
         optimizer.step()            # any number of steps (update_in_backward: one per parameter)
     numbers = health.report()       # collective under sharding: call it on every rank
 
-Inside the block every step adds its local sums to `health`; nothing is computed outside one. The sums are
-reduced over the shard group in `report()`, so the numbers are global and exact under FSDP2. The sampled matrix's
-update is kept as this rank's row block until `report()`, which runs a short Lanczos iteration on it (see
-`update_spectrum`: one all-reduce of a length-n vector per iteration, over the shard group). Plain
-`torch.optim.AdamW` (the baseline) knows nothing of this: its last update is recomputed from its state.
+Inside the block every step of a matrix optimizer records into a `StepHealth` passed into each of its updates
+(outside a block the updates go to `NO_RECORD`, which does nothing). The sums are reduced over the shard group
+in `report()`, so the numbers are global and exact under FSDP2. The sampled matrix's update is kept as this
+rank's row block until `report()`, which runs a short Lanczos iteration on it (see `update_spectrum`: one
+all-reduce of a length-n vector per iteration, over the shard group). AdamW (optim.AdamW, the baseline) records
+nothing while it steps: its last update is recomputed from its state. Every report, the DeepSpeed engine's
+included, is a `HealthReport`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from optim.sharded import all_reduce_sum, local, shard_info
+from optim.newton_schulz import orthogonality_error
+from optim.sharded import FlatLayout, all_reduce_sum, local, shard_info
+
+
+class HealthReport(Protocol):
+    """What a measured block yields, whichever optimizer and engine measured it: report() is a collective under
+    sharding (call it on every rank) and returns {} when nothing was measured."""
+
+    def report(self) -> dict[str, float]: ...
+
+
+class NoRecord:
+    """The record of a step nobody measures: every call does nothing (MatrixOptimizer updates through it)."""
+
+    def add_update(
+        self, param: Tensor, weight: Tensor, direction: Tensor, scale: float | Tensor, lr: float
+    ) -> None:
+        pass
+
+    def orthogonality_probe(self, lead: Tensor) -> Callable[[Tensor], None] | None:
+        return None
+
+
+NO_RECORD = NoRecord()
 
 
 @dataclass
 class StepHealth:
-    """Local sums of the measured steps: [|update|^2, |W|^2, orth_error] (orth_error set on one rank of the job:
-    the owner of the probed matrix, see optim.sharded.apply_to_whole_matrices)."""
+    """The record of one measured step, passed into every update the step applies: local sums [|update|^2, |W|^2,
+    orth_error] (orth_error set on one rank of the job: the owner of the sampled matrix, see
+    optim.sharded.apply_to_whole_matrices), and the sampled matrix's update."""
 
     sums: Tensor
     numel: int  # global element count of the matrices summed
     group: dist.ProcessGroup | None  # their shard group
     replicate_group: dist.ProcessGroup | None  # HSDP: their replicas (the orth_error may sit in another one)
     orthogonality: bool = False  # whether the rule reports orth_error
-    # This rank's rows (possibly none) of the probed matrix's applied update, lr * scale * direction in the math dtype (the
-    # first matrix of the first matrix group, MatrixOptimizer._probe): update_spectral_norm / update_stable_rank.
+    sampled: Tensor | None = None  # the matrix whose update spectrum and orth_error are reported
+    # This rank's rows (possibly none) of the sampled matrix's applied update, lr * scale * direction in the math
+    # dtype (the first matrix of the first matrix group): update_spectral_norm / update_stable_rank.
     probe_update: Tensor | None = None
 
-    def record_orthogonality(self, value: Tensor) -> None:
-        self.sums[2] = value
+    @classmethod
+    def of_partition(
+        cls,
+        layout: FlatLayout,
+        flat: Tensor,
+        sampled: Tensor | None,
+        sampled_cols: int | None,
+        orthogonality: bool,
+    ) -> StepHealth:
+        """A ZeRO flat partition's step: |W|^2 from this rank's pieces (each element on one rank), the update sums
+        from the owners; the sampled matrix's update is whole on its owner (`sampled`: its whole gradient there)
+        and zero rows elsewhere (`sampled_cols` set, `sampled` None)."""
+        sums = torch.zeros(3, dtype=torch.float32, device=flat.device)
+        sums[1] = sum(piece.float().square().sum() for piece in layout.pieces(flat))
+        numel = sum(info.shape.numel() for info in layout.infos)
+        health = cls(sums, numel, layout.infos[0].group, None, orthogonality, sampled)
+        if sampled is None and sampled_cols is not None:
+            health.probe_update = torch.zeros(0, sampled_cols, device=flat.device)
+        return health
+
+    def add_update(
+        self, param: Tensor, weight: Tensor, direction: Tensor, scale: float | Tensor, lr: float
+    ) -> None:
+        """One matrix's applied update lr * scale * direction (weight decay excluded) and its weight before it."""
+        scaled = direction.to(self.sums.dtype) * scale
+        self.sums[0] += scaled.square().sum() * lr**2
+        self.sums[1] += weight.to(self.sums.dtype).square().sum()
+        if param is self.sampled:  # its rows of the applied update, for the spectrum (report() time)
+            self.probe_update = scaled.mul_(lr)
+
+    def orthogonality_probe(self, lead: Tensor) -> Callable[[Tensor], None] | None:
+        """The probe for apply_to_whole_matrices over a chunk led by `lead`: the sampled matrix's orth_error."""
+        if not self.orthogonality or lead is not self.sampled:
+            return None
+
+        def record(whole: Tensor) -> None:
+            self.sums[2] = orthogonality_error(whole)
+
+        return record
 
     def merge(self, other: StepHealth) -> None:
         """Add another step's sums (update_in_backward: one step per parameter); orth_error is the probed
@@ -179,10 +244,10 @@ def adamw_update_sums(
 
 
 class AdamWHealth:
-    """torch.optim.AdamW's numbers, recomputed from its state on report() (every parameter counts). The update
+    """AdamW's numbers (optim.AdamW), recomputed from its state on report() (every parameter counts). The update
     spectrum is that of its first 2-D parameter with state, in param-group order (build_optimizer's AdamW:
     model.parameters() order, so a Llama's token embedding; torch's AdamW keeps no names, so it cannot sample
-    the matrix optimizers' probe, layers.0.attention.wq), its update recomputed in float64 (adamw_update)."""
+    the matrix optimizers' matrix, layers.0.attention.wq), its update recomputed in float64 (adamw_update)."""
 
     def __init__(self, optimizer: torch.optim.AdamW):
         self.optimizer = optimizer
@@ -233,16 +298,17 @@ class NoHealth:
 
 @contextmanager
 def track_health(optimizer: torch.optim.Optimizer, enabled: bool = True) -> Iterator[HealthReport]:
-    """Measure the steps taken inside the block (see the module docstring); `enabled=False`: measure nothing."""
-    from optim.base import MatrixOptimizer  # (optim.base builds on this module)
-
-    if enabled and isinstance(optimizer, MatrixOptimizer):  # its steps add their sums to its tracker
-        with optimizer.tracking_health() as tracker:
-            yield tracker
-    elif enabled and isinstance(optimizer, torch.optim.AdamW):
-        yield AdamWHealth(optimizer)
-    else:  # not measured, or an optimizer that reports nothing
+    """Measure the steps taken inside the block (see the module docstring); `enabled=False`: measure nothing.
+    Every optimizer of this package measures itself (`tracking_health()`); another is a TypeError."""
+    if not enabled:
         yield NoHealth()
-
-
-HealthReport = HealthTracker | AdamWHealth | NoHealth
+        return
+    try:
+        tracking = optimizer.tracking_health
+    except AttributeError:
+        raise TypeError(
+            f"{type(optimizer).__name__} reports no health numbers: build it with optim.build_optimizer "
+            "(AdamW: optim.AdamW)"
+        ) from None
+    with tracking() as report:
+        yield report

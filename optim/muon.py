@@ -7,8 +7,9 @@ from collections.abc import Iterable
 
 import torch
 
-from optim.base import MatrixOptimizer, MatrixSlot
+from optim.base import MatrixOptimizer
 from optim.options import MOMENTUM, NESTEROV, NEWTON_SCHULZ, NS5_POLYNOMIALS
+from optim.sharded import MatrixSlot
 
 
 class Muon(MatrixOptimizer):

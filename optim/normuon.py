@@ -8,9 +8,9 @@ from collections.abc import Iterable
 
 import torch
 
-from optim.base import MatrixOptimizer, MatrixSlot, guarded_ratio
+from optim.base import MatrixOptimizer, guarded_ratio
 from optim.options import MOMENTUM, NEWTON_SCHULZ, NS5_POLYNOMIALS, VARIANT
-from optim.sharded import all_reduce_sums, local, zeros_rows_like
+from optim.sharded import MatrixSlot, all_reduce_sums, local, zeros_rows_like
 
 DEFAULT_LR = {"paper": 1e-3, "reference_code": 0.02}
 

@@ -102,6 +102,27 @@ class ShardInfo:
         return self.replica * self.world + self.rank
 
 
+@dataclass
+class MatrixSlot:
+    """One matrix parameter in one step, as the distribution layer hands it to a rule: its group, state, shard info
+    and local blocks (a row block under FSDP2, the whole matrix on one process or on its owner)."""
+
+    param: Tensor
+    group: dict
+    state: dict
+    info: ShardInfo
+    weight: Tensor  # local block of the parameter (updated in place)
+    grad: Tensor  # local block of the gradient (read only: logging reads grads after the step)
+
+    @property
+    def rows(self) -> int:
+        return self.info.shape[0]
+
+    @property
+    def cols(self) -> int:
+        return self.info.shape[1]
+
+
 def local(t: Tensor) -> Tensor:
     """The local block of a DTensor (a view: in-place ops on it update the DTensor), or `t` itself."""
     return t.to_local() if isinstance(t, DTensor) else t
@@ -230,26 +251,9 @@ def _all_to_all(chunks: list[Tensor], recv_sizes: list[int], group: dist.Process
 
 
 @dataclass
-class _Pending:
-    """An all-to-all in flight: its handle, the buffers it fills, and what it sends (kept alive until done)."""
-
-    work: Any
-    received: list[Tensor]
-    sending: list[Tensor]
-
-    def wait(self) -> list[Tensor]:
-        """The received pieces, once the transfer is done; the time spent waiting is exposed communication."""
-        if self.work is not None:
-            start = time.perf_counter()
-            self.work.wait()
-            EXPOSED_COMM.seconds += time.perf_counter() - start
-        return self.received
-
-
-@dataclass
-class ExposedComm:
-    """Seconds this process spent waiting for the owner exchange's all-to-alls (transfers not hidden behind
-    compute), accumulated since the last `take()`; the trainer reports them per logging window."""
+class CommClock:
+    """Seconds spent waiting for the owner exchange's all-to-alls (transfers not hidden behind compute), summed
+    since the last `take()`. Each matrix optimizer owns one; its step's figure travels with the engine's step."""
 
     seconds: float = 0.0
 
@@ -258,7 +262,22 @@ class ExposedComm:
         return seconds
 
 
-EXPOSED_COMM = ExposedComm()
+@dataclass
+class _Pending:
+    """An all-to-all in flight: its handle, the buffers it fills, and what it sends (kept alive until done)."""
+
+    work: Any
+    received: list[Tensor]
+    sending: list[Tensor]
+
+    def wait(self, clock: CommClock | None) -> list[Tensor]:
+        """The received pieces, once the transfer is done; the time spent waiting is exposed communication."""
+        if self.work is not None:
+            start = time.perf_counter()
+            self.work.wait()
+            if clock is not None:
+                clock.seconds += time.perf_counter() - start
+        return self.received
 
 
 def _batched(fn: Callable[[Tensor], Tensor], wholes: dict[int, Tensor]) -> dict[int, Tensor]:
@@ -319,11 +338,11 @@ class _Exchange:
         return self.infos[i].numel_of(rank)
 
     def to_owners(
-        self, blocks: Sequence[Tensor], dtype: torch.dtype, device: torch.device
+        self, blocks: Sequence[Tensor], dtype: torch.dtype, device: torch.device, clock: CommClock | None
     ) -> dict[int, Tensor]:
         """All-to-all 1: the whole matrices this rank owns, assembled from every rank's block (row blocks and
         element ranges alike are contiguous pieces of the flattened matrix, in rank order)."""
-        return self.assemble(self.send_to_owners(blocks, dtype, device))
+        return self.assemble(self.send_to_owners(blocks, dtype, device), clock)
 
     def send_to_owners(self, blocks: Sequence[Tensor], dtype: torch.dtype, device: torch.device) -> _Pending:
         """Start all-to-all 1 (see to_owners); `assemble` finishes it."""
@@ -332,11 +351,11 @@ class _Exchange:
         sizes = [sum(self._size(i, src) for i in mine) for src in range(me.world)]
         return _all_to_all(chunks, sizes, me.group)
 
-    def assemble(self, pending: _Pending) -> dict[int, Tensor]:
+    def assemble(self, pending: _Pending, clock: CommClock | None) -> dict[int, Tensor]:
         """The whole matrices of a finished all-to-all 1."""
         me, mine = self.me, self.here[self.me.rank]
         received = [
-            piece.split([self._size(i, src) for i in mine]) for src, piece in enumerate(pending.wait())
+            piece.split([self._size(i, src) for i in mine]) for src, piece in enumerate(pending.wait(clock))
         ]
         return {
             i: torch.cat([received[src][k] for src in range(me.world)]).view(self.infos[i].shape)
@@ -344,10 +363,10 @@ class _Exchange:
         }
 
     def to_rows(
-        self, results: dict[int, Tensor], dtype: torch.dtype, device: torch.device
+        self, results: dict[int, Tensor], dtype: torch.dtype, device: torch.device, clock: CommClock | None
     ) -> dict[int, Tensor]:
         """All-to-all 2: this rank's block of the result of every matrix this replica computed."""
-        return self.parse_rows(self.send_to_rows(results, dtype, device))
+        return self.parse_rows(self.send_to_rows(results, dtype, device), clock)
 
     def send_to_rows(self, results: dict[int, Tensor], dtype: torch.dtype, device: torch.device) -> _Pending:
         """Start all-to-all 2 (see to_rows); `parse_rows` finishes it."""
@@ -359,10 +378,10 @@ class _Exchange:
         sizes = [sum(self._size(i, me.rank) for i in owned) for owned in self.here]
         return _all_to_all(chunks, sizes, me.group)
 
-    def parse_rows(self, pending: _Pending) -> dict[int, Tensor]:
+    def parse_rows(self, pending: _Pending, clock: CommClock | None) -> dict[int, Tensor]:
         """This rank's blocks of the results of a finished all-to-all 2."""
         rows: dict[int, Tensor] = {}
-        for owned, piece in zip(self.here, pending.wait(), strict=True):
+        for owned, piece in zip(self.here, pending.wait(clock), strict=True):
             rows.update(self._parse(owned, piece))
         return rows
 
@@ -458,11 +477,6 @@ class OwnerExchange(_Exchange):
             raise ValueError("an owner exchange needs matrices of one shard group without replicas")
         super().__init__(infos, _Exchange.plan(infos, list(range(len(infos))), cost).by_slot)
 
-    @property
-    def owned(self) -> list[int]:
-        """The matrices this rank computes."""
-        return self.here[self.me.rank]
-
 
 OVERLAP_BUCKETS = 4  # default rounds of the owner exchange (apply_to_whole_matrices)
 _PLANS: OrderedDict[tuple, _Exchange] = OrderedDict()  # the last plans made, by matrices and cost
@@ -495,6 +509,7 @@ def _pipelined(
     device: torch.device,
     buckets: int,
     computed: dict[int, Tensor],
+    clock: CommClock | None,
 ) -> dict[int, Tensor]:
     """This rank's rows of every result of `plan`, round by round: round k+1's blocks travel to their owners while
     round k is computed, and round k's results travel back while round k+1 is computed. `computed` gets the
@@ -505,12 +520,12 @@ def _pipelined(
     for k, exchange in enumerate(rounds):
         if k + 1 < len(rounds):
             incoming.append(rounds[k + 1].send_to_owners(blocks, dtype, device))
-        results = _batched(fn, exchange.assemble(incoming[k]))
+        results = _batched(fn, exchange.assemble(incoming[k], clock))
         computed.update(results)
         outgoing.append(exchange.send_to_rows(results, dtype, device))
     rows: dict[int, Tensor] = {}
     for exchange, pending in zip(rounds, outgoing, strict=True):
-        rows.update(exchange.parse_rows(pending))
+        rows.update(exchange.parse_rows(pending, clock))
     return rows
 
 
@@ -523,6 +538,7 @@ def apply_to_whole_matrices(
     probe: Callable[[Tensor], None] | None = None,
     cost: Callable[[int, int], float] = ns5_flops,
     buckets: int = OVERLAP_BUCKETS,
+    clock: CommClock | None = None,
 ) -> list[Tensor]:
     """Apply a whole-matrix function to sharded matrices and return this rank's rows of each result.
 
@@ -535,6 +551,7 @@ def apply_to_whole_matrices(
     cost: the per-matrix cost (m, n) the owners are balanced on; NS5's FLOPs by default.
     buckets: rounds the exchange is cut into, so that the transfers of one round overlap the compute of the
         next (`_pipelined`); 1 = one all-to-all each way. Every number is the same whatever the count.
+    clock: where the time spent waiting for transfers is added (exposed communication).
     Results come back in the dtype of the corresponding block.
     """
     rows: dict[int, Tensor] = {}
@@ -549,9 +566,59 @@ def apply_to_whole_matrices(
         dtype = comm_dtype or blocks[idx[0]].dtype
         device = blocks[idx[0]].device
         plan = _planned(infos, idx, cost)
-        rows.update(_pipelined(fn, plan, blocks, dtype, device, buckets, computed))
+        rows.update(_pipelined(fn, plan, blocks, dtype, device, buckets, computed, clock))
         if me.replicas > 1:
             plan.across_replicas(rows, dtype, device)
     if probe is not None and 0 in computed:
         probe(computed[0])
     return [rows[i].to(block.dtype) for i, block in enumerate(blocks)]
+
+
+class FlatPartition:
+    """One of DeepSpeed ZeRO's flat partitions (a param group's matrices cut at arbitrary element offsets) stepped
+    owner-computes. `gather`: one all-to-all brings every piece of each matrix's gradient to the rank that owns it
+    (owners balanced by the rule's cost, as under FSDP2), which gets the whole matrices as slots with their state
+    (it lives only there). The rule then runs on them as on any whole matrix, its update landing in each slot's
+    zero "weight" as -lr * scale * direction. `scatter`: a second all-to-all returns each rank's piece of those
+    updates, applied to the partition with the decoupled weight decay. Row- and column-wise math and norms all run
+    on whole matrices, so no other collective is needed; fp32 on the wire both ways (the gradient feeds fp32
+    state, the update is what the partition receives)."""
+
+    def __init__(self, layout: FlatLayout, cost: Callable[[int, int], float]) -> None:
+        self.layout, self.plan = layout, OwnerExchange(layout.infos, cost)
+
+    def index_of(self, param: Tensor | None) -> int | None:
+        """The position of one of the model's matrices in this partition's layout, if it is there."""
+        return next((k for k, p in enumerate(self.layout.params) if p is param), None)
+
+    def gather(
+        self, flat: Tensor, group: dict, owned: dict[int, dict], first: Tensor | None, clock: CommClock | None
+    ) -> list[tuple[int, MatrixSlot]]:
+        """(matrix index, slot) of every matrix this rank owns; `first` (a model matrix) leads when it is one."""
+        wholes = self.plan.to_owners(self.layout.pieces(flat.grad.float()), torch.float32, flat.device, clock)
+        lead = self.index_of(first)
+        return [
+            (
+                k,
+                MatrixSlot(
+                    wholes[k],
+                    group,
+                    owned.setdefault(k, {}),
+                    shard_info(wholes[k]),
+                    torch.zeros_like(wholes[k]),
+                    wholes[k],
+                ),
+            )  # fmt: skip
+            for k in sorted(wholes, key=lambda k: k != lead)
+        ]
+
+    def scatter(
+        self, flat: Tensor, group: dict, slots: list[tuple[int, MatrixSlot]], clock: CommClock | None
+    ) -> None:
+        """Every rank's pieces of the owners' updates, applied to `flat` with the decoupled weight decay."""
+        updates = self.plan.to_rows({k: s.weight for k, s in slots}, torch.float32, flat.device, clock)
+        lr, wd = group["lr"], group["weight_decay"]
+        for k, piece in enumerate(self.layout.pieces(flat)):
+            if wd:
+                piece.mul_(1 - lr * wd)
+            piece.add_(updates[k].to(piece.dtype))

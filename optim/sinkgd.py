@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-from optim.base import MatrixOptimizer, MatrixSlot
+from optim.base import MatrixOptimizer
 from optim.options import Option
-from optim.sharded import all_reduce_sums, math_dtype
+from optim.sharded import MatrixSlot, all_reduce_sums, math_dtype
 
 NORM_EPS = 1e-8
 

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 import torch
 
-from optim.base import MatrixOptimizer, MatrixSlot
+from optim.base import MatrixOptimizer
 from optim.newton_schulz import (
     coupled_adaptive,
     coupled_flops,
@@ -16,7 +16,7 @@ from optim.newton_schulz import (
     ns5_flops,
 )
 from optim.options import NEWTON_SCHULZ, Option
-from optim.sharded import math_dtype
+from optim.sharded import MatrixSlot, math_dtype
 
 # whitening -> (the whole-matrix function, its FLOPs per matrix, default steps, default dtype)
 WHITENING = {
@@ -75,7 +75,7 @@ class SWAN(MatrixOptimizer):
         )
         super().__init__(params, {"lr": lr, "eps": eps, "weight_decay": weight_decay})
 
-    def _owner_cost(self, m: int, n: int) -> float:
+    def owner_cost(self, m: int, n: int) -> float:
         return WHITENING[self.whitening][1](m, n, self.ns_steps)
 
     def _matrix_step(self, slots: list[MatrixSlot]) -> None:

@@ -100,7 +100,12 @@ def test_commit_is_a_rename_and_keep_last_prunes_only_after_the_newer_one_is_com
     # While step 3 was being written, steps 1 and 2 were both still there; step 1 went only after step 3's rename.
     assert seen_while_writing[-1] == ["step_000001", "step_000002", "step_000003.partial"]
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000002", "step_000003"]
-    assert sorted(os.listdir(tmp_path / "step_000003")) == [".metadata", "__0_0.distcp", "trainer_state.json"]
+    committed = sorted(os.listdir(tmp_path / "step_000003"))
+    assert committed == [".metadata", "__0_0.distcp", "manifest.json", "trainer_state.json"]
+    sizes = json.loads(
+        (tmp_path / "step_000003" / "manifest.json").read_text()
+    )  # every file's size, recorded
+    assert sizes == {name: (tmp_path / "step_000003" / name).stat().st_size for name in committed[:2]}
     assert json.loads((tmp_path / "step_000003" / "trainer_state.json").read_text()) == {"step": 3}
 
     # Leftovers of a crash (a partial save, a half-removed old one) are never listed, and the next save clears them.
@@ -274,7 +279,7 @@ def test_an_engine_with_its_own_format_gets_the_same_commit_and_one_line_errors(
         saved = checkpointer.save(step, OwnFormat(step * 10), Record(step=step))
         assert saved == tmp_path / f"step_00000{step}"
     assert _names(tmp_path) == ["step_000002"]
-    assert _names(tmp_path / "step_000002") == ["state.json", "trainer_state.json"]
+    assert _names(tmp_path / "step_000002") == ["manifest.json", "state.json", "trainer_state.json"]
     engine, state = OwnFormat(0), Record()
     checkpointer.load(tmp_path / "step_000002", engine, state)
     assert state.values == {"step": 2} and engine.value == 20

@@ -147,7 +147,9 @@ def test_adaptive_whitening_stops_each_matrix_on_its_own() -> None:
     batch = torch.stack([_grad_normed((48, 96), seed) for seed in range(3)]).double()
     batch[1] *= 0.0  # an all-zero gradient stops at once, with a zero result
     together = coupled_adaptive(batch, 10, dtype=torch.float64)
-    for k in range(3):  # in float64 batched and single kernels differ by rounding (~1e-16); one iteration more or
+    for k in range(
+        3
+    ):  # in float64 batched and single kernels differ by rounding (~1e-16); one iteration more or
         alone = coupled_adaptive(batch[k], 10, dtype=torch.float64)  # less would differ by > 1e-3
         torch.testing.assert_close(together[k], alone, rtol=1e-12, atol=1e-12)
     assert torch.equal(together[1], torch.zeros_like(together[1]))

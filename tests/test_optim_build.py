@@ -10,7 +10,17 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
 from models import Llama, LlamaConfig
-from optim import OPTIMIZERS, SWAN, Muon, NorMuon, SinkGD, build_optimizer, route_parameters, track_health
+from optim import (
+    OPTIMIZERS,
+    SWAN,
+    AdamW,
+    Muon,
+    NorMuon,
+    SinkGD,
+    build_optimizer,
+    route_parameters,
+    track_health,
+)
 from trainer.config import OptimConfig
 
 TINY = LlamaConfig(
@@ -68,7 +78,7 @@ def test_build_adamw_is_torch_adamw():
     model = Llama(TINY)
     cfg = OptimConfig(name="adamw", lr=3e-4, weight_decay=0.1, beta1=0.8, beta2=0.95, eps=1e-6)
     opt = build_optimizer(cfg, model)
-    assert type(opt) is torch.optim.AdamW
+    assert type(opt) is AdamW and isinstance(opt, torch.optim.AdamW)  # torch's, with health and a comm clock
     group = opt.param_groups[0]
     assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (
         3e-4,
@@ -209,7 +219,7 @@ def test_health_matches_the_applied_update(cls):
 
 def test_health_of_torch_adamw_recomputes_the_last_update():
     params = _params_with_grads()
-    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+    opt = AdamW(params, lr=1e-2, weight_decay=0.0)
     with track_health(opt) as tracked:
         assert tracked.report() == {}  # no step yet
     before = [p.detach().clone() for p in params]
@@ -221,12 +231,19 @@ def test_health_of_torch_adamw_recomputes_the_last_update():
     )
     with track_health(opt) as tracked:
         pass
-    health = tracked.report()  # recomputed in float64 from float64 state: exact to ~1e-13 of the cancellation above
+    health = (
+        tracked.report()
+    )  # recomputed in float64 from float64 state: exact to ~1e-13 of the cancellation above
     assert health["update_rms"] == pytest.approx(rms, rel=1e-9)
     assert health["update_weight_ratio"] == pytest.approx(after_ratio, rel=1e-9)
-    with track_health(torch.optim.SGD(params, lr=0.1)) as tracked:
+    with track_health(torch.optim.SGD(params, lr=0.1), enabled=False) as tracked:
         pass
     assert tracked.report() == {}
+    with (
+        pytest.raises(TypeError, match="SGD reports no health numbers"),
+        track_health(torch.optim.SGD(params)),
+    ):
+        pass
 
 
 def test_adamw_baseline_gets_the_matrix_optimizers_two_lrs():

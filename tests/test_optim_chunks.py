@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from optim import OPTIMIZERS, track_health
-from optim.base import MatrixSlot, step_chunks
-from optim.sharded import shard_info
+from optim.base import step_chunks
+from optim.sharded import MatrixSlot, shard_info
 from trainer.memory.tracker import peak_tensor_bytes
 
 

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from optim import OPTIMIZERS, MatrixOptimizer, track_health
+from optim import OPTIMIZERS, AdamW, MatrixOptimizer, track_health
 from optim.health import SPECTRUM_STEPS, update_spectrum
 from optim.newton_schulz import newton_schulz5
 from tests.distributed import run_distributed
@@ -93,7 +93,7 @@ def test_matrix_optimizers_report_the_spectrum_of_the_applied_update(name, optio
     gen = torch.Generator().manual_seed(0)  # exact by dimension
     params = _matrices(probe_shape, gen)
     opt = OPTIMIZERS[name](params, weight_decay=WD, **options)
-    assert opt._probe is params[0]  # the sampled matrix: the first of the first matrix group
+    assert opt._sampled is params[0]  # the sampled matrix: the first of the first matrix group
     health, applied = _two_steps(opt, params, gen)
     _assert_close(health, _reference(applied), rel=LANCZOS_REL)
 
@@ -105,7 +105,7 @@ def test_adamw_reports_the_spectrum_of_its_first_two_dimensional_parameter_with_
         torch.randn(5, 9, generator=gen, dtype=torch.float64)
     )  # 2-D but never stepped (no grad, no state): skipped
     params = _matrices((96, 64), gen)
-    opt = torch.optim.AdamW([bias, frozen, *params], lr=1e-2, weight_decay=WD)
+    opt = AdamW([bias, frozen, *params], lr=1e-2, weight_decay=WD)
     for _ in range(2):
         for p in (bias, *params):
             p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
@@ -166,7 +166,7 @@ def _sample(opt: torch.optim.Optimizer, param: Tensor) -> None:
     params = opt.param_groups[0]["params"]
     params.insert(0, params.pop(next(i for i, p in enumerate(params) if p is param)))
     if isinstance(opt, MatrixOptimizer):
-        opt._probe = param
+        opt._sampled = param
 
 
 def _health(case: str, probe: str, mesh) -> dict[str, float]:

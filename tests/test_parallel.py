@@ -65,10 +65,11 @@ def one_ulp_off() -> Iterator[None]:
         nudge_one_ulp(engine.model, generator)
         step = engine.step
 
-        def step_then_nudge() -> None:
+        def step_then_nudge() -> float:
             _nudge((p.grad for p in engine.model.parameters() if p.grad is not None), generator)
-            step()
+            exposed = step()
             nudge_one_ulp(engine.model, generator)
+            return exposed
 
         engine.step = step_then_nudge
         return restored

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from trainer.engines.protocol import Engine
 
 TRAINER_STATE = "trainer_state.json"
+MANIFEST = "manifest.json"  # every file of the checkpoint with its size, written at the commit
 METADATA = ".metadata"
 PARTIAL = ".partial"
 TRASH = ".old"
@@ -67,12 +68,53 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     if not ckpt_dir.is_dir():
         return []
     found = [p for p in ckpt_dir.iterdir() if is_complete(p)]
-    return sorted(found, key=lambda p: int(_STEP_DIR.fullmatch(p.name).group(1)))
+    return sorted(found, key=step_of)
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     found = list_checkpoints(ckpt_dir)
     return found[-1] if found else None
+
+
+def file_sizes(path: Path) -> dict[str, int]:
+    """Every file under `path` (relative names) with its size in bytes; the manifest and trainer state excluded."""
+    return {
+        str(f.relative_to(path)): f.stat().st_size
+        for f in sorted(path.rglob("*"))
+        if f.is_file() and f.name not in (MANIFEST, TRAINER_STATE)
+    }
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with a complete checkpoint's files against the sizes its commit recorded (a missing or
+    truncated file: a lost disk block, a copy cut short), or None. A checkpoint without a manifest (written before
+    manifests existed) is not checked here; the engine's own load checks what it can."""
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        recorded = json.loads(manifest.read_text())
+    except (OSError, ValueError) as err:
+        return f"unreadable {MANIFEST} ({err})"
+    for name, size in recorded.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} is {file.stat().st_size} bytes, {size} when committed"
+    return None
+
+
+def newest_intact(ckpt_dir: Path, before: int | None = None) -> Path | None:
+    """The newest complete, undamaged checkpoint (of a step below `before`, when given)."""
+    for path in reversed(list_checkpoints(ckpt_dir)):
+        if (before is None or step_of(path) < before) and damage(path) is None:
+            return path
+    return None
+
+
+def step_of(path: Path) -> int:
+    return int(_STEP_DIR.fullmatch(path.name).group(1))
 
 
 def read_trainer_state(path: Path) -> dict[str, Any]:
@@ -201,6 +243,16 @@ class Checkpointer:
         _barrier()
         return final
 
+    def remove_leftovers(self) -> list[str]:
+        """Remove what interrupted saves and removals left (step_N.partial, step_N.old; never loaded); their names.
+        Rank 0, once every input of the run has been checked."""
+        if not self.is_main or not self.dir.is_dir():
+            return []
+        leftovers = sorted([*self.dir.glob(f"*{PARTIAL}"), *self.dir.glob(f"*{TRASH}")])
+        for path in leftovers:
+            shutil.rmtree(path, ignore_errors=True)
+        return [path.name for path in leftovers]
+
     def wait(self) -> None:
         """Block until the pending async save (if any) is written and committed; re-raise its failure."""
         pending, self._pending = self._pending, None
@@ -232,7 +284,12 @@ class Checkpointer:
         state.load_state_dict(trainer_state)
 
     def _commit(self, partial: Path, final: Path, trainer_state: dict[str, Any]) -> None:
-        """trainer_state.json (fsynced) last, then one rename makes the checkpoint visible; then keep_last."""
+        """The manifest of every file's size, then trainer_state.json (both fsynced) last, then one rename makes the
+        checkpoint visible; then keep_last."""
+        with (partial / MANIFEST).open("w") as f:
+            json.dump(file_sizes(partial), f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
         with (partial / TRAINER_STATE).open("w") as f:
             json.dump(trainer_state, f, indent=1)
             f.flush()
@@ -244,11 +301,13 @@ class Checkpointer:
         self._prune()
 
     def _prune(self) -> None:
-        """Keep the newest keep_last complete checkpoints (0 = all); a removal is a rename first, so a kill
-        mid-removal never leaves a half-deleted directory that looks complete."""
+        """Keep the newest keep_last intact checkpoints (0 = all): only intact ones count, so a damaged one never
+        pushes out the last good one; damaged ones are left for a person to look at. A removal is a rename first,
+        so a kill mid-removal never leaves a half-deleted directory that looks complete."""
         if self.keep_last <= 0:
             return
-        for old in list_checkpoints(self.dir)[: -self.keep_last]:
+        intact = [path for path in list_checkpoints(self.dir) if damage(path) is None]
+        for old in intact[: -self.keep_last]:
             trash = old.with_name(old.name + TRASH)
             old.rename(trash)
             shutil.rmtree(trash, ignore_errors=True)

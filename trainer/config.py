@@ -80,6 +80,18 @@ def existing_tokenizer(v: str) -> str | None:
     return f"no such file {v}" if missing else None
 
 
+def signal_names(v: str) -> str | None:
+    """A comma-separated list of signal names (SIGTERM, SIGUSR1, ...), or empty."""
+    import signal
+
+    unknown = [name for name in filter(None, v.replace(" ", "").split(",")) if not hasattr(signal, name)]
+    return f"unknown signal {unknown[0]!r} (expected names like SIGTERM,SIGUSR1)" if unknown else None
+
+
+def fraction(v: Any) -> str | None:
+    return None if 0.0 < v <= 1.0 else f"must be in (0, 1], got {v}"
+
+
 def existing_checkpoint(v: str) -> str | None:
     return f"no such checkpoint directory {v}" if v and not Path(v).is_dir() else None
 
@@ -193,6 +205,38 @@ class CheckpointConfig:
     async_save: bool = False
     resume: bool = True  # re-running the same command continues from the latest complete checkpoint
     resume_from: str = checked("", existing_checkpoint)  # explicit checkpoint directory to resume from
+    # When the newest checkpoint is damaged (a file missing or shorter than its commit recorded): false = stop with
+    # one line naming it and the newest intact one; true = resume from that one, with a line saying so.
+    fall_back: bool = False
+
+
+@dataclass
+class ResilienceConfig:
+    """How a long run survives the cluster: preemption, divergence, a hung rank."""
+
+    # These signals make every rank finish its step, save a checkpoint and exit with code 75 (rerun to resume).
+    stop_signals: str = checked("SIGTERM,SIGUSR1", signal_names)
+    grace_s: float = checked(
+        120.0, positive
+    )  # from the first signal to the exit; then exit 76 without saving
+    # A loss above its running mean + spike_sigma x its running std (after spike_warmup steps), or above
+    # spike_ceiling x ln(vocabulary) at any step, is a spike; 0 turns each rule off.
+    spike_sigma: float = checked(6.0, non_negative)
+    spike_window: int = checked(100, positive)  # steps the running mean and std remember (EMA span)
+    spike_warmup: int = checked(20, non_negative)
+    spike_ceiling: float = checked(2.0, non_negative)
+    dead_steps: int = checked(10, non_negative)  # a zero gradient norm this many steps in a row: a dead model
+    # On a non-finite step, a spike or a dead model: roll back to the newest good checkpoint, skip the batches
+    # since it, and go on (false: a non-finite step follows train.on_nonfinite, a spike is named, a dead model stops)
+    rollback: bool = False
+    max_rollbacks: int = checked(3, non_negative)  # one more and the run stops
+    rollback_lr_factor: float = checked(
+        1.0, fraction
+    )  # the lr is multiplied by it for rollback_lr_steps steps
+    rollback_lr_steps: int = checked(0, non_negative)
+    # A rank that does not reach its next step within this many seconds ends the job with one line naming it
+    # (exit 124); well under the communication backend's own timeout (30 minutes). 0 = off.
+    watchdog_s: float = checked(600.0, non_negative)
 
 
 @dataclass
@@ -215,6 +259,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
 
     @property
     def run_dir(self) -> Path:

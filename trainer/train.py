@@ -18,17 +18,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from models import Llama, causal_lm_loss, flops_per_token, num_params
-from optim.sharded import EXPOSED_COMM
+from models import causal_lm_loss, flops_per_token, num_params
 from trainer.checkpoint import Checkpointer, latest_checkpoint, restore_rng, rng_states
-from trainer.config import Config, ConfigError, save_config
+from trainer.config import Config, save_config
 from trainer.data import Data, HeldOutSet, TrainStream, build_data, save_tokenizer
 from trainer.distributed import DistInfo, all_reduce_max, all_reduce_mean
 from trainer.engines import Engine, build_engine
 from trainer.memory.preflight import check_memory_fits
 from trainer.memory.tracker import MemoryTracker
 from trainer.metrics import MetricsLogger, detect_peak_tflops
-from trainer.resolve import Run, resolve
+from trainer.resolve import Run, build_model, resolve
 from trainer.schedule import lr_multiplier
 
 
@@ -66,19 +65,6 @@ class TrainState:
         self.step, self.tokens = saved["step"], saved["tokens"]
         self.stream.load_state_dict(saved["data"])
         restore_rng(saved, self.rank, self.world_size, self.seed, self.device)
-
-
-def build_model(run: Run, data_vocab: int, device: torch.device) -> Llama:
-    """Same seed, same full initialisation on every rank, made on `device` itself (a 350M model initialises in
-    0.1 s on a GPU, 6 s on two CPU cores); the engine shards it afterwards."""
-    if run.model.vocab_size < data_vocab:
-        raise ConfigError(
-            f"model.vocab_size ({run.model.vocab_size}) is smaller than the data's vocabulary ({data_vocab}): set "
-            f"model.vocab_size (or data.vocab_size for sizes that take it from the data)"
-        )
-    torch.manual_seed(run.cfg.train.seed)
-    with torch.device(device):
-        return Llama(run.model)
 
 
 @torch.no_grad()
@@ -153,39 +139,50 @@ def train(cfg: Config, dist_info: DistInfo) -> dict[str, Any]:
 def train_step(prepared: Prepared, log: MetricsLogger, memory: MemoryTracker) -> float:
     """One optimizer step and what follows it when due: its numbers on log steps, an evaluation, a checkpoint.
     The step's loss (NaN for a skipped step). Every tensor it makes is on the engine's device, and it reads
-    values to the host once per step (the loss and gradient norm) plus on log and eval steps."""
+    values to the host once per step (the loss and gradient norm) plus on log and eval steps. The data thread stops
+    after the last step, or when the step raises (trainer/data/prefetch.py)."""
     run, engine, state, t = prepared.run, prepared.engine, prepared.state, prepared.run.cfg.train
-    device = state.device
-    mult = schedule_lrs(prepared)
-    logging = log.is_log_step(state.step + 1)
-    memory.begin(state.step + 1)
-    with engine.health(logging) as health:
-        batch = state.stream.next_batch().to(device)
-        loss = all_reduce_mean(engine.forward_backward(list(batch.split(run.batches.micro))))
-        loss, norm = torch.stack([loss, engine.grad_norm().to(loss.dtype)]).tolist()
-        with timed(device, logging) as times:
-            finite = take_or_skip_step(engine, state, loss, norm, run, prepared.checkpointer, log)
-    state.step += 1
-    if not finite:
-        return math.nan
-    memory.end(state.step)
-    state.tokens += run.tokens_per_step
-    log.count(run.tokens_per_step)
-    if logging:
-        lr = prepared.base_lrs[0] * mult
-        log_step(log, run, state, device, loss, norm, lr, {**health.report(), **times}, memory.metrics())
-    if (t.eval_every and state.step % t.eval_every == 0) or state.step == t.steps:
-        eval_loss = evaluate(engine.model, prepared.data.held_out, run.batches.micro, device)
-        log.log(state.step, {"eval/loss": eval_loss})
-        log.info(f"step {state.step}: eval loss {eval_loss:.4f}")
-    if prepared.checkpointer.due(state.step):
-        path = prepared.checkpointer.save(state.step, engine, state)
-        log.info(f"{'writing' if run.cfg.checkpoint.async_save else 'saved'} checkpoint {path}")
-    return loss
+    try:
+        device = state.device
+        mult = schedule_lrs(prepared)
+        logging = log.is_log_step(state.step + 1)
+        memory.begin(state.step + 1)
+        with engine.health(logging) as health:
+            batch = state.stream.next_batch().to(device, non_blocking=True)
+            loss = all_reduce_mean(engine.forward_backward(list(batch.split(run.batches.micro))))
+            loss, norm = torch.stack([loss, engine.grad_norm().to(loss.dtype)]).tolist()
+            with timed(device, logging) as times:
+                exposed = take_or_skip_step(engine, state, loss, norm, run, prepared.checkpointer, log)
+                times["exposed_comm_s"] = exposed or 0.0
+            finite = exposed is not None
+        state.step += 1
+        if state.step == t.steps:
+            state.stream.close()
+        if not finite:
+            return math.nan
+        memory.end(state.step)
+        state.tokens += run.tokens_per_step
+        log.count(run.tokens_per_step)
+        if logging:
+            lr = prepared.base_lrs[0] * mult
+            log_step(log, run, state, device, loss, norm, lr, {**health.report(), **times}, memory.metrics())
+            log.log(state.step, {"data/wait_s": state.stream.wait_s()})
+        if (t.eval_every and state.step % t.eval_every == 0) or state.step == t.steps:
+            eval_loss = evaluate(engine.model, prepared.data.held_out, run.batches.micro, device)
+            log.log(state.step, {"eval/loss": eval_loss})
+            log.info(f"step {state.step}: eval loss {eval_loss:.4f}")
+        if prepared.checkpointer.due(state.step):
+            path = prepared.checkpointer.save(state.step, engine, state)
+            log.info(f"{'writing' if run.cfg.checkpoint.async_save else 'saved'} checkpoint {path}")
+        return loss
+    except BaseException:
+        state.stream.close()
+        raise
 
 
 def open_data(cfg: Config, dist_info: DistInfo) -> Data:
-    """The run's train stream and held-out set, checked (nothing is written)."""
+    """The run's train stream and held-out set, checked (nothing is written); batches for a CUDA device come in
+    pinned memory, so the loop copies them with non_blocking=True."""
     t = cfg.train
     return build_data(
         cfg.data,
@@ -194,6 +191,7 @@ def open_data(cfg: Config, dist_info: DistInfo) -> Data:
         rank=dist_info.rank,
         world_size=dist_info.world_size,
         run_dir=cfg.run_dir,
+        pin_device=dist_info.device if dist_info.device.type == "cuda" else None,
     )
 
 
@@ -254,23 +252,22 @@ def start_run_dir(
 @contextmanager
 def timed(device: torch.device, enabled: bool) -> Iterator[dict[str, float]]:
     """On logging steps, the optimizer step's wall time and the time its owner exchange spent waiting for
-    transfers (exposed communication), of the slowest rank: optim/step_s, optim/exposed_comm_s (CUDA: synchronized
-    around the step, so the step's kernels are counted; the exposed part is host time, which NCCL's stream-ordered
-    waits do not show). A collective on logging steps; nothing otherwise."""
+    transfers (exposed communication, which the block sets from the engine's step), of the slowest rank:
+    optim/step_s, optim/exposed_comm_s (CUDA: synchronized around the step, so the step's kernels are counted; the
+    exposed part is host time, which NCCL's stream-ordered waits do not show). A collective on logging steps;
+    nothing otherwise."""
     times: dict[str, float] = {}
     if not enabled:
         yield times
         return
     if device.type == "cuda":
         torch.cuda.synchronize()
-    EXPOSED_COMM.take()
     start = time.perf_counter()
     yield times
     if device.type == "cuda":
         torch.cuda.synchronize()
-    measured = torch.tensor(
-        [time.perf_counter() - start, EXPOSED_COMM.take()], dtype=torch.float64, device=device
-    )
+    elapsed = time.perf_counter() - start
+    measured = torch.tensor([elapsed, times.get("exposed_comm_s", 0.0)], dtype=torch.float64, device=device)
     times["step_s"], times["exposed_comm_s"] = all_reduce_max(measured).tolist()
 
 
@@ -282,13 +279,12 @@ def take_or_skip_step(
     run: Run,
     checkpointer: Checkpointer,
     log: MetricsLogger,
-) -> bool:
+) -> float | None:
     """Step the engine when loss and gradient are finite; else skip the step (on_nonfinite=skip, at most
-    max_skips in a row) or stop without saving. Whether the step was taken."""
+    max_skips in a row) or stop without saving. The step's exposed communication in seconds, None if skipped."""
     if math.isfinite(loss) and math.isfinite(norm):
         state.skips = 0
-        engine.step()
-        return True
+        return engine.step()
     t = run.cfg.train
     state.skips += 1
     if t.on_nonfinite == "stop" or state.skips > t.max_skips:
@@ -301,7 +297,7 @@ def take_or_skip_step(
         f"step {state.step + 1}: non-finite loss or gradient, step skipped ({state.skips}/{t.max_skips})"
     )
     engine.skip()
-    return False
+    return None
 
 
 def log_step(

@@ -4,28 +4,33 @@ Every document is framed by its source ([BOS] ids EOS, or the generated corpus's
 concatenated and cut into rows of seq_len + 1 tokens, with no padding and no overlap, so inputs = row[:-1],
 targets = row[1:].
 
-Global order and sharding: all ranks read the same global stream of rows. Step s uses global rows
+Global order and sharding: every rank sees the same global stream of rows. Step s uses global rows
 [s*B, (s+1)*B) and rank r keeps the contiguous block [r*B/W, (r+1)*B/W), so a step's global batch does not
-depend on the world size. The price: each rank reads and tokenizes the whole stream, W times the tokenizer work
-of a split reader. Tokenizing is a small share of a step for real models; for the generated corpus (~13M
-tokens/s through the loader on one core) it is negligible.
+depend on the world size. A rank copies only its own block out of the stream (for pre-tokenized shards, the only
+part of the memory map it reads); who tokenizes what is the source's business (tokenizer.py, exchange.py).
 
 Two objects with two jobs: the `TrainStream` (the training split, endless, stateful: its position resumes
-exactly at any world size) and the `HeldOutSet` (the first eval_sequences rows of the eval split, read once,
-the same rows at every evaluation).
+exactly at any world size; its batches are made ahead by a thread, prefetch.py) and the `HeldOutSet` (the first
+eval_sequences rows of the eval split, read once, the same rows at every evaluation).
 
 Resume: the position is (epoch, document index, tokens of that document already used) plus a row counter:
-a few ints, the same for every world size and seq_len. Loading it re-reads that one document (for Hugging Face
-streaming after `dataset.skip(n)`) and continues exactly, at any world size.
+a few ints, the same for every world size and seq_len (for pre-tokenized shards a "document" is a shard). Loading
+it re-reads that one document (for Hugging Face streaming after `dataset.skip(n)`) and continues exactly, at any
+world size. Each batch the thread makes carries the position after it, and `state_dict` is the position after
+the last batch the loop took, so batches made ahead and never used are made again after a resume.
 """
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
+from trainer.data.prefetch import Prefetcher
 from trainer.data.sources import DataError, DocSource, Position
+
+PREFETCH_BATCHES = 3  # batches made ahead of the loop
 
 
 class TokenStream:
@@ -41,10 +46,12 @@ class TokenStream:
         self._docs: Iterator[tuple[Position, np.ndarray]] | None = None
         self._doc: np.ndarray | None = None
 
-    def take(self, n: int) -> np.ndarray:
-        """The next n tokens (fewer only when a non-repeating source ends)."""
-        parts = []
-        while n > 0:
+    def take(self, n: int, keep: slice = slice(None)) -> np.ndarray:
+        """Consume the next n tokens and return the part `keep` of them (positions in [0, n)); the rest is passed
+        over without a copy. Fewer only when a non-repeating source ends."""
+        lo, hi, _ = keep.indices(n)
+        parts, done = [], 0
+        while done < n:
             if self._doc is None or self.offset == len(self._doc):
                 if self._docs is None:
                     self._docs = self.source.documents(self.position, self.repeat)
@@ -54,18 +61,29 @@ class TokenStream:
                 if self._doc is not None:  # done with it; a fresh stream keeps its resume offset
                     self.offset = 0
                 self.position, self._doc = nxt
-            piece = self._doc[self.offset : self.offset + n]
-            parts.append(piece)
-            self.offset += len(piece)
-            n -= len(piece)
+            size = min(n - done, len(self._doc) - self.offset)
+            first, last = max(lo - done, 0), min(hi - done, size)
+            if first < last:
+                parts.append(self._doc[self.offset + first : self.offset + last])
+            self.offset += size
+            done += size
         return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
 
 
 class TrainStream:
-    """This rank's block of each global batch of the training split (see the module docstring)."""
+    """This rank's block of each global batch of the training split, made ahead by a thread (see the module
+    docstring). `pin_device`: the CUDA device the batches go to; they come in pinned memory, so the loop can copy
+    them with non_blocking=True."""
 
     def __init__(
-        self, source: DocSource, *, seq_len: int, global_batch_size: int, rank: int, world_size: int
+        self,
+        source: DocSource,
+        *,
+        seq_len: int,
+        global_batch_size: int,
+        rank: int,
+        world_size: int,
+        pin_device: torch.device | None = None,
     ):
         if (
             seq_len < 1
@@ -81,35 +99,65 @@ class TrainStream:
         if len(TokenStream(source, repeat=False).take(1)) == 0:  # an input check: before anything is written
             raise DataError(f"data source {source.name} has no training documents")
         self.source, self.seq_len, self.global_batch_size = source, seq_len, global_batch_size
-        self.rank, self.world_size = rank, world_size
-        self._stream = TokenStream(source, repeat=True)
-        self._rows = 0
+        self.rank, self.world_size, self.pin_device = rank, world_size, pin_device
+        self._state: dict[str, Any] = {"source": source.name, "epoch": 0, "docs": 0, "offset": 0, "rows": 0}
+        self._ahead: Prefetcher[tuple[torch.Tensor, dict[str, Any]]] | None = None
+        self._waited_s, self._taken = 0.0, 0
 
     def next_batch(self) -> torch.Tensor:
-        """This rank's [global_batch_size // world_size, seq_len + 1] block of the next global batch."""
-        b, width = self.global_batch_size, self.seq_len + 1
-        rows = self._stream.take(b * width).reshape(b, width)
-        self._rows += b
-        return torch.from_numpy(rows[_block(b, self.rank, self.world_size)])
+        """This rank's [global_batch_size // world_size, seq_len + 1] block of the next global batch (int64)."""
+        if self._ahead is None:
+            self._ahead = Prefetcher(self._batches(self._state), PREFETCH_BATCHES)
+        start = time.perf_counter()
+        batch, self._state = self._ahead.get()
+        self._waited_s += time.perf_counter() - start
+        self._taken += 1
+        return batch
+
+    def wait_s(self) -> float:
+        """Mean seconds next_batch waited for a batch, per batch, since the last call (or the start); then a new
+        window begins."""
+        mean = self._waited_s / max(self._taken, 1)
+        self._waited_s, self._taken = 0.0, 0
+        return mean
+
+    def close(self) -> None:
+        """Stop making batches ahead (the thread ends; every rank must call it after the same batch). A later
+        next_batch continues from the last batch taken."""
+        if self._ahead is not None:
+            self._ahead.close()
+            self._ahead = None
 
     def state_dict(self) -> dict[str, Any]:
-        pos = self._stream.position
-        return {
-            "source": self.source.name,
-            "epoch": pos.epoch,
-            "docs": pos.docs,
-            "offset": self._stream.offset,
-            "rows": self._rows,
-        }
+        """The position after the last batch next_batch returned."""
+        return dict(self._state)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["source"] != self.source.name:
             raise DataError(
                 f"data state is for source {state['source']!r}, this run reads {self.source.name!r}"
             )
+        self.close()
+        self._state = {key: state[key] for key in ("source", "epoch", "docs", "offset", "rows")}
+
+    def _batches(self, state: dict[str, Any]) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
+        """Every batch from position `state` on, each with the position after it (run by the prefetch thread)."""
+        if self.pin_device is not None:
+            torch.cuda.set_device(self.pin_device)  # this thread's own current device: no context on GPU 0
         start = Position(state["epoch"], state["docs"])
-        self._stream = TokenStream(self.source, repeat=True, start=start, offset=state["offset"])
-        self._rows = state["rows"]
+        stream = TokenStream(self.source, repeat=True, start=start, offset=state["offset"])
+        b, width, rows = self.global_batch_size, self.seq_len + 1, state["rows"]
+        block = _block(b, self.rank, self.world_size)
+        keep = slice(block.start * width, block.stop * width)
+        while True:
+            tokens = stream.take(b * width, keep)
+            rows += b
+            batch = torch.from_numpy(tokens.astype(np.int64, copy=False).reshape(-1, width))
+            position = {"epoch": stream.position.epoch, "docs": stream.position.docs, "offset": stream.offset}
+            yield (
+                (batch.pin_memory() if self.pin_device is not None else batch),
+                {**state, **position, "rows": rows},
+            )
 
 
 class HeldOutSet:
@@ -128,7 +176,7 @@ class HeldOutSet:
                 f"held-out split of {source.name} has only {len(tokens) // width} sequences of {width} "
                 f"tokens, data.eval_sequences is {sequences}: lower it or add data"
             )
-        self.rows = tokens.reshape(sequences, width)[_block(sequences, rank, world_size)]
+        self.rows = tokens.reshape(sequences, width)[_block(sequences, rank, world_size)].astype(np.int64)
 
     def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         """The rows in tensors of up to batch_size rows; the same rows on every call."""

@@ -8,6 +8,9 @@ Sources (`data.source`):
 - any other string: a Hugging Face dataset name, loaded with `datasets.load_dataset(source, subset, split,
   streaming)`.
 
+A text source gives each document as a record, cheap to read (every rank reads every record, so every rank knows
+each document's index), and its text, parsed only by the rank that tokenizes it (exchange.py).
+
 Splits: "train" and "eval". Hugging Face sources use `data.split` / `data.eval_split`. A local source holds out
 every HELD_OUT_EVERY-th document (document index % 100 == 0, so doc 0 included) for eval and trains on the rest.
 The generated corpus draws eval documents from a separate seed stream. Documents are read in source order (no
@@ -15,6 +18,7 @@ shuffling); the train stream starts again from the first document (the next epoc
 """
 
 import json
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import chain, islice
@@ -36,6 +40,10 @@ LOCAL_EXTENSIONS = (".txt", ".jsonl", ".parquet")
 # A source with one of these suffixes is a path (and an error if missing), never a hub name.
 _FILE_SUFFIXES = (*LOCAL_EXTENSIONS, ".json", ".csv", ".tsv", ".gz", ".zst", ".arrow")
 HELD_OUT_EVERY = 100
+# A streamed dataset keeps its iteration state on the dataset object, and an iteration reads it as it starts: two
+# iterations of one dataset in two threads (two ranks' prefetch threads in one process, in tests) take their
+# steps one at a time, or one starts from where the other has got to.
+_HF_STEP = threading.Lock()
 
 
 def is_local_source(source: str) -> bool:
@@ -69,8 +77,17 @@ class DocSource(Protocol):
 class TextSource(Protocol):
     name: str
 
+    def records(self, skip: int) -> Iterator[Any]:
+        """One pass over the split's documents from document `skip`, unparsed: cheap enough for every rank to
+        read all of them, so that every rank knows every document's index."""
+        ...
+
+    def text(self, record: Any) -> str:
+        """A record's text: the parse, done only by the rank that tokenizes the document."""
+        ...
+
     def texts(self, skip: int) -> Iterator[str]:
-        """One pass over the split's documents, starting at document `skip`."""
+        """One pass over the split's documents as text, starting at document `skip`."""
         ...
 
 
@@ -90,19 +107,29 @@ class GeneratedSource:
             yield Position(0, i), doc
 
 
-class LocalText:
+class _Texts:
+    """`texts` for a source that has `records` and `text`."""
+
+    def texts(self, skip: int) -> Iterator[str]:
+        return map(self.text, self.records(skip))
+
+
+class LocalText(_Texts):
     def __init__(self, path: Path, field: str, split: str):
         self.files = _local_files(path)
         self.name = f"{path}:{split}"
         self._field, self._held_out = field, split == "eval"
 
-    def texts(self, skip: int) -> Iterator[str]:
-        every = chain.from_iterable(_read_texts(f, self._field) for f in self.files)
-        mine = (t for i, t in enumerate(every) if (i % HELD_OUT_EVERY == 0) == self._held_out)
+    def records(self, skip: int) -> Iterator[Any]:
+        every = chain.from_iterable(_read_records(f, self._field) for f in self.files)
+        mine = (r for i, r in enumerate(every) if (i % HELD_OUT_EVERY == 0) == self._held_out)
         return islice(mine, skip, None)
 
+    def text(self, record: Any) -> str:
+        return _parse(record, self._field)
 
-class HFText:
+
+class HFText(_Texts):
     def __init__(self, name: str, subset: str, split: str, streaming: bool, field: str):
         import datasets  # heavy import, only for runs that use the hub
 
@@ -115,10 +142,17 @@ class HFText:
         self.name = f"{name}:{subset}:{split}"
         self._field = field
 
-    def texts(self, skip: int) -> Iterator[str]:
-        dataset = self._dataset.skip(skip) if skip else self._dataset
-        for record in dataset:
-            yield _text_of(record, self._field, self.name)
+    def records(self, skip: int) -> Iterator[Any]:
+        records, end = iter(self._dataset.skip(skip) if skip else self._dataset), object()
+        while True:
+            with _HF_STEP:
+                record = next(records, end)
+            if record is end:
+                return
+            yield record
+
+    def text(self, record: Any) -> str:
+        return _text_of(record, self._field, self.name)
 
 
 def open_text(cfg: Any, split: str) -> LocalText | HFText:
@@ -150,30 +184,42 @@ def _local_files(path: Path) -> list[Path]:
     return [path]
 
 
-def _read_texts(path: Path, field: str) -> Iterator[str]:
+def _read_records(path: Path, field: str) -> Iterator[Any]:
+    """A file's documents unparsed: a .txt line, a .jsonl (path, line number, line), a .parquet (path, row, arrow
+    value); `_parse` makes each a string."""
     if path.suffix == ".txt":
         with path.open(encoding="utf-8") as f:
             yield from (line.rstrip("\r\n") for line in f if line.strip())
     elif path.suffix == ".jsonl":
         with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise DataError(f"{path}:{lineno}: invalid JSON ({err})") from None
-                    yield _text_of(record, field, f"{path}:{lineno}")
+            records = ((path, lineno, line) for lineno, line in enumerate(f, 1) if line.strip())
+            first = next(records, None)
+            if first is None:
+                return
+            _parse(first, field)  # a wrong data.text_field shows at a file's first record, on every rank
+            yield first
+            yield from records
     else:
         import pyarrow.parquet as pq  # comes with `datasets`; only parquet sources need it
 
         pf = pq.ParquetFile(path)
         if field not in pf.schema_arrow.names:
             raise DataError(f"{path}: no column {field!r} (columns: {pf.schema_arrow.names})")
-        column = chain.from_iterable(
-            b.column(0).to_pylist() for b in pf.iter_batches(batch_size=1024, columns=[field])
-        )
-        for row, text in enumerate(column):
-            yield _checked(text, field, f"{path} row {row}")
+        column = chain.from_iterable(b.column(0) for b in pf.iter_batches(batch_size=1024, columns=[field]))
+        yield from ((path, row, value) for row, value in enumerate(column))
+
+
+def _parse(record: Any, field: str) -> str:
+    if isinstance(record, str):  # a .txt line
+        return record
+    path, where, raw = record
+    if path.suffix == ".jsonl":
+        try:
+            parsed = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{where}: invalid JSON ({err})") from None
+        return _text_of(parsed, field, f"{path}:{where}")
+    return _checked(raw.as_py(), field, f"{path} row {where}")
 
 
 def _text_of(record: Any, field: str, where: str) -> str:

@@ -1,5 +1,6 @@
 """Tokenizers: a byte-level BPE trained on the source, a tokenizer.json file, or a hub tokenizer; and the
-text sources seen through one (documents framed as [BOS] ids EOS)."""
+text sources seen through one (documents framed as [BOS] ids EOS), tokenized in rounds: alone, or split between
+the ranks and exchanged (exchange.py)."""
 
 import os
 from collections.abc import Iterable, Iterator
@@ -10,6 +11,8 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from trainer.data.exchange import DocExchange
+from trainer.data.shards import PreparedData, is_prepared
 from trainer.data.sources import GENERATED, DataError, Position, TextSource, batched, first_line, open_text
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -17,21 +20,25 @@ TOKENIZER_TRAIN_DOCS = 10_000  # a byte-level BPE of a few thousand merges is st
 END_OF_TEXT = "<|endoftext|>"
 _EOS_TOKENS = (END_OF_TEXT, "</s>", "<|end_of_text|>", "<eos>")
 _BOS_TOKENS = ("<s>", "<|begin_of_text|>", "<bos>")
-_ENCODE_BATCH = 256
+_ENCODE_BATCH = 256  # documents a rank tokenizes per round
 
 
 def build_tokenizer(cfg: Any, run_dir: Path | None) -> tuple[Tokenizer | None, bool]:
-    """(tokenizer, trained_now). None for the generated corpus; else `cfg.tokenizer` (a tokenizer.json path or
-    a hub name), or, when that is empty, the run's own run_dir/tokenizer.json from an earlier attempt, or a
-    byte-level BPE of `cfg.vocab_size` trained on the first TOKENIZER_TRAIN_DOCS train documents (training is
-    deterministic, so every rank that trains its own copy gets the same one). Writes nothing: a trained one is
-    saved by `save_tokenizer` once the run's inputs have all been checked."""
+    """(tokenizer, trained_now). None for the generated corpus; for a pre-tokenized source the one that made it
+    (shards.py); else `cfg.tokenizer` (a tokenizer.json path or a hub name), or, when that is empty, the run's own
+    run_dir/tokenizer.json from an earlier attempt, or a byte-level BPE of `cfg.vocab_size` trained on the first
+    TOKENIZER_TRAIN_DOCS train documents (training is deterministic, so every rank that trains its own copy gets the
+    same one). Writes nothing: a trained one is saved by `save_tokenizer` once the run's inputs have all been
+    checked."""
     if cfg.source == GENERATED:
         if cfg.tokenizer:
             raise DataError("data.tokenizer must be empty for source 'generated' (it produces token ids)")
         return None, False
+    if is_prepared(cfg.source):
+        given = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
+        return PreparedData(cfg.source).tokenizer(given, cfg.tokenizer), False
     if cfg.tokenizer:
-        return _load_tokenizer(cfg.tokenizer), False
+        return load_tokenizer(cfg.tokenizer), False
     saved = run_dir / TOKENIZER_FILE if run_dir is not None else None
     if saved is not None and saved.is_file():
         return Tokenizer.from_file(str(saved)), False
@@ -65,7 +72,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
-def _load_tokenizer(spec: str) -> Tokenizer:
+def load_tokenizer(spec: str) -> Tokenizer:
+    """`data.tokenizer` as given: a tokenizer.json path (or a directory holding one) or a hub name."""
     path = Path(spec).expanduser()
     if path.is_dir():
         path = path / "tokenizer.json"
@@ -91,21 +99,33 @@ def special_ids(tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
 
 
 class TokenizedText:
-    """A text source seen through a tokenizer: documents framed as [BOS] ids EOS."""
+    """A text source seen through a tokenizer: documents framed as [BOS] ids EOS (int32), tokenized in rounds of
+    _ENCODE_BATCH documents per rank; with an `exchange`, each rank parses and tokenizes only its share of a round
+    and the exchange brings the others' (exchange.py), so every rank still holds the whole stream."""
 
-    def __init__(self, text: TextSource, tokenizer: Tokenizer):
-        self.text, self.tokenizer, self.name = text, tokenizer, text.name
+    def __init__(self, text: TextSource, tokenizer: Tokenizer, exchange: DocExchange | None = None):
+        self.text, self.tokenizer, self.name, self.exchange = text, tokenizer, text.name, exchange
         self._bos, self._eos = special_ids(tokenizer)
 
     def documents(self, start: Position, repeat: bool) -> Iterator[tuple[Position, np.ndarray]]:
         epoch, n = start.epoch, start.docs
+        size = _ENCODE_BATCH * (self.exchange.world_size if self.exchange else 1)
         while True:
-            for texts in batched(self.text.texts(n), _ENCODE_BATCH):
-                for enc in self.tokenizer.encode_batch(texts, add_special_tokens=False):
-                    yield Position(epoch, n), np.array(self._bos + enc.ids + self._eos, dtype=np.int64)
+            for records in batched(self.text.records(n), size):
+                round_ = (
+                    self.frame(records) if self.exchange is None else self.exchange.round(records, self.frame)
+                )
+                for doc in round_:
+                    yield Position(epoch, n), doc
                     n += 1
             if not repeat:
                 return
             if n == 0:
                 raise DataError(f"data source {self.name} has no documents")
             epoch, n = epoch + 1, 0
+
+    def frame(self, records: list) -> list[np.ndarray]:
+        """The records parsed, tokenized and framed."""
+        texts = [self.text.text(r) for r in records]
+        encoded = self.tokenizer.encode_batch(texts, add_special_tokens=False)
+        return [np.array(self._bos + enc.ids + self._eos, dtype=np.int32) for enc in encoded]

@@ -63,8 +63,9 @@ class BackwardUpdateEngine(FSDP2Engine):
         """Global L2 norm of the step's raw gradients, summed while they were alive."""
         return all_reduce_sum(self._grad_sq.clone(), self._group).sqrt()
 
-    def step(self) -> None:
-        """Nothing left to do: every update was applied during backward."""
+    def step(self) -> float:
+        """Nothing left to do: every update was applied during backward (their exposed communication with it)."""
+        return self.optimizer.comm_clock.take()
 
     def skip(self) -> None:
         raise RuntimeError("optim.update_in_backward cannot skip a step: its updates are already applied")

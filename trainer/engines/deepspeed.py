@@ -37,7 +37,6 @@ from torch.optim import Optimizer
 
 from models import causal_lm_loss
 from optim import is_adamw_group, route_parameters
-from optim.base import MatrixOptimizer
 from optim.health import HealthReport, adamw_update_sums, health_numbers, track_health
 from optim.sharded import FlatLayout
 from trainer.checkpoint import saved_config
@@ -107,9 +106,13 @@ class DeepSpeedEngine:
         self.zero = ZeroStage(zero_stage)
         self.numel = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
         config = self.zero.config(micro_batch, accumulation, world_size, max_norm, bf16)
+        # a matrix rule steps flat partitions owner-computes; plain AdamW's partitions are DeepSpeed's own business
+        self.partitioned_adamw = self.zero.flat_partitions and all(
+            map(is_adamw_group, optimizer.param_groups)
+        )
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         layouts = {}
-        if self.zero.flat_partitions and isinstance(optimizer, MatrixOptimizer):
+        if self.zero.flat_partitions and not self.partitioned_adamw:
             layouts = self.zero.layouts(self.engine.optimizer, optimizer)
             optimizer.use_flat_partitions(layouts)
         check_whole_matrices(optimizer, model, layouts)
@@ -133,9 +136,11 @@ class DeepSpeedEngine:
         norm = torch.as_tensor(norm, dtype=torch.float32, device=self.device)
         return torch.where(norm < 0, math.nan, norm)  # DeepSpeed reports a non-finite norm as -1
 
-    def step(self) -> None:
-        """DeepSpeed's step: clip (gradient_clipping = train.grad_clip, set at start-up), update, drop grads."""
+    def step(self) -> float:
+        """DeepSpeed's step: clip (gradient_clipping = train.grad_clip, set at start-up), update, drop grads; the
+        owner exchange's exposed communication."""
         self.engine.step()
+        return self.optimizer.comm_clock.take()
 
     def skip(self) -> None:
         """Drop this step's gradients without updating anything."""
@@ -152,11 +157,11 @@ class DeepSpeedEngine:
         """The optim/ numbers FSDP2 logs. ZeRO-0: the optimizer's own (whole tensors). ZeRO-1..3: AdamW's last
         update recomputed from its state over this rank's flat partitions (their padding is zero: no update, no
         weight), then summed over ranks: exact, as under FSDP2. report() is collective."""
-        if not self.zero.flat_partitions or not enabled or isinstance(self.optimizer, MatrixOptimizer):
+        if self.partitioned_adamw and enabled:
+            yield PartitionedAdamWHealth(self.optimizer, self.numel, self.device)
+        else:
             with track_health(self.optimizer, enabled) as report:
                 yield report
-        else:
-            yield PartitionedAdamWHealth(self.optimizer, self.numel, self.device)
 
     def training_tensors(self) -> TrainingTensors:
         """What the memory tracker counts. ZeRO-0: the model's and optimizer's own tensors, as under FSDP2.

@@ -93,13 +93,15 @@ class FSDP2Engine:
         self._norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
         return self._norm
 
-    def step(self) -> None:
-        """Clip the raw gradients (never the processed update) when max_norm > 0, then step and drop the grads."""
+    def step(self) -> float:
+        """Clip the raw gradients (never the processed update) when max_norm > 0, then step and drop the grads;
+        the optimizer's exposed communication."""
         if self.max_norm > 0:
             norm = self._norm if self._norm is not None else self.grad_norm()
             torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.max_norm, norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return self.optimizer.comm_clock.take()
 
     def skip(self) -> None:
         """Drop this step's gradients without updating anything."""

@@ -31,8 +31,9 @@ class Engine(Protocol):
         """Global L2 norm of the step's raw (reduced, unclipped) gradients."""
         ...
 
-    def step(self) -> None:
-        """Clip (if configured), update, drop the gradients."""
+    def step(self) -> float:
+        """Clip (if configured), update, drop the gradients; the seconds the step waited on communication it
+        could not overlap (the optimizer's own exchange)."""
         ...
 
     def skip(self) -> None:

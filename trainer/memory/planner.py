@@ -189,7 +189,7 @@ def simulate_optimizer(cfg: Config, mcfg: LlamaConfig, per_param: bool) -> Optim
         sum(p.numel() * 4 for p in adamw),
         comm_bytes,
         matrix_state,
-        getattr(optimizer, "_owner_cost", None),
+        optimizer.owner_cost if matrix_state else None,  # only the matrix rules have owners
     )
 
 
