@@ -48,7 +48,8 @@ from optim import route_parameters
 from trainer.checkpoint import latest_checkpoint, step_dir_name
 from trainer.config import parse_args_and_overrides
 from trainer.distributed import DistInfo, init_distributed
-from trainer.train import Prepared, prepare, schedule_lrs
+from trainer.loop import Prepared, schedule_lrs
+from trainer.train import prepare
 
 # Matrix lr: the interior best of `python -m benchmarks.convergence --data generated --tokens 1572864`.
 BEST_LRS = {

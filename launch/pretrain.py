@@ -18,6 +18,10 @@ from trainer.config import ConfigError, load_config  # noqa: E402
 from trainer.data import DataError  # noqa: E402
 
 USAGE_ERRORS = (ConfigError, DataError, CheckpointError)
+# Exit codes (docs/long-runs.md): 0 done; 2 bad input, nothing written; 3 diverged, stopped without saving that
+# state; 75 stopped on a signal after committing a checkpoint (rerun to resume); 76 stopped on a signal without a
+# new one (trainer/preemption.py); 124 a rank made no progress (trainer/watchdog.py).
+EXIT_USAGE, EXIT_DIVERGED = 2, 3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,26 +34,33 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
     from trainer.distributed import init_distributed, shutdown
-    from trainer.train import NonFiniteError, train
+    from trainer.loop import DivergedError
+    from trainer.preemption import EXIT_PREEMPTED, PreemptedError
+    from trainer.train import train
 
     try:
         info = init_distributed(cfg.parallel.device, cfg.parallel.backend)
     except ConfigError as err:  # before any process group exists: every rank says it, rank 0's line is enough
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     # These errors are raised on every rank alike (same config, files, all-reduced loss), so the ranks can still
     # shut down together. Anything else propagates without a shutdown: peers may be stuck in a collective, and
     # torchrun tears the job down.
     try:
         result = train(cfg, info)
-    except (*USAGE_ERRORS, NonFiniteError) as err:
+    except PreemptedError as err:  # a checkpoint of the last step is committed: the same command resumes
+        if info.is_main:
+            print(str(err), flush=True)
+        shutdown()
+        return EXIT_PREEMPTED
+    except (*USAGE_ERRORS, DivergedError) as err:
         if info.is_main:
             print(f"error: {err}", file=sys.stderr)
         shutdown()
-        return 3 if isinstance(err, NonFiniteError) else 2
+        return EXIT_DIVERGED if isinstance(err, DivergedError) else EXIT_USAGE
     shutdown()
     if info.is_main:
         run_dir = Path(result["run_dir"])

@@ -163,6 +163,12 @@ def test_dcp_initialising_a_fresh_optimizer_state_leaves_weights_grads_and_state
         assert torch.equal(value, weights[name]), name
 
 
+def _unlisted(checkpoint: Path, name: str) -> Path:
+    """`name` in a checkpoint whose manifest is gone (as one written before manifests existed)."""
+    (checkpoint / "manifest.json").unlink()
+    return checkpoint / name
+
+
 @pytest.fixture
 def saved(tmp_path) -> Path:
     engine = _engine()
@@ -173,9 +179,19 @@ def saved(tmp_path) -> Path:
 @pytest.mark.parametrize(
     "damage, engine_kwargs, expect, message",
     [
-        (lambda p: (p / "__0_0.distcp").unlink(), {}, None, "missing shard file __0_0.distcp"),
-        (lambda p: os.truncate(p / "__0_0.distcp", 100), {}, None, "shard file __0_0.distcp is truncated"),
-        (lambda p: (p / ".metadata").write_bytes(b"garbage"), {}, None, "unreadable .metadata"),
+        # the sizes its commit recorded (manifest.json) catch a lost or cut file before anything is read
+        (lambda p: (p / "__0_0.distcp").unlink(), {}, None, "damaged (__0_0.distcp is missing)"),
+        (lambda p: os.truncate(p / "__0_0.distcp", 100), {}, None, "damaged (__0_0.distcp is 100 bytes, "),
+        (lambda p: (p / ".metadata").write_bytes(b"garbage"), {}, None, "damaged (.metadata is 7 bytes, "),
+        # a checkpoint without a manifest (written before them): DCP's own checks say the same
+        (lambda p: _unlisted(p, "__0_0.distcp").unlink(), {}, None, "missing shard file __0_0.distcp"),
+        (
+            lambda p: os.truncate(_unlisted(p, "__0_0.distcp"), 100),
+            {},
+            None,
+            "shard file __0_0.distcp is truncated",
+        ),
+        (lambda p: _unlisted(p, ".metadata").write_bytes(b"garbage"), {}, None, "unreadable .metadata"),
         (lambda p: (p / "trainer_state.json").write_text("{"), {}, None, "unreadable trainer_state.json"),
         (lambda p: (p / "trainer_state.json").unlink(), {}, None, "not a complete checkpoint"),
         (
@@ -196,6 +212,9 @@ def saved(tmp_path) -> Path:
         "missing-shard",
         "truncated-shard",
         "bad-metadata",
+        "missing-shard-no-manifest",
+        "truncated-shard-no-manifest",
+        "bad-metadata-no-manifest",
         "bad-state",
         "no-state",
         "shape",
@@ -283,6 +302,12 @@ def test_an_engine_with_its_own_format_gets_the_same_commit_and_one_line_errors(
     engine, state = OwnFormat(0), Record()
     checkpointer.load(tmp_path / "step_000002", engine, state)
     assert state.values == {"step": 2} and engine.value == 20
+    (tmp_path / "step_000002" / "state.json").write_text("2")  # a file of another size: the manifest says so
+    with pytest.raises(
+        CheckpointError, match=r"step_000002: damaged \(state.json is 1 bytes, 2 when committed\)$"
+    ):
+        checkpointer.load(tmp_path / "step_000002", engine, state)
+    (tmp_path / "step_000002" / "manifest.json").unlink()  # without one, the engine's own error, in one line
     (tmp_path / "step_000002" / "state.json").unlink()
     with pytest.raises(
         CheckpointError, match=r"step_000002: cannot load \(FileNotFoundError: .*state.json'\)$"

@@ -6,9 +6,9 @@ its optimizer state and every batch on the meta device, inside a fake process gr
 tensor made without the device it meets raises here as it would on CUDA, and a CPU tensor handed to a collective
 fails as NCCL would refuse it.
 
-Covered, for every optimizer: the training step as the loop runs it (`trainer.train.train_step`: forward/backward,
-gradient norm, clipping, the optimizer step, health on log steps, the step timing, memory accounting and metrics,
-evaluation) with the FSDP2 engine's code and with update_in_backward; the optimizer step with health on row-sharded
+Covered, for every optimizer: the training step as the loop runs it (`trainer.loop.Loop.step`: forward/backward,
+the loss and stop-vote all-reduce, gradient norm, the divergence guard, clipping, the optimizer step, health on log
+steps, the step timing, memory accounting and metrics, evaluation, the checkpoint) with the FSDP2 engine's code and with update_in_backward; the optimizer step with health on row-sharded
 DTensor parameters (FSDP 1 x 4 and HSDP 2 x 2: the owner exchange and the reductions); DeepSpeed ZeRO's flat
 partitions (the owner exchange over element ranges, and AdamW's partition health); the state a checkpoint saves.
 Not covered (no values, or code that is not ours): the numbers, FSDP2's and DeepSpeed's own internals (fully_shard
@@ -37,9 +37,12 @@ from trainer.engines.backward_update import BackwardUpdateEngine
 from trainer.engines.dcp import ModelAndOptimizer
 from trainer.engines.deepspeed import PartitionedAdamWHealth
 from trainer.engines.fsdp2 import FSDP2Engine
+from trainer.loop import Loop, evaluate
 from trainer.memory.tracker import MemoryTracker
-from trainer.resolve import resolve
-from trainer.train import build_model, evaluate, open_data, prepare_around, start_run_dir, train_step
+from trainer.preemption import StopSignals
+from trainer.resolve import build_model, resolve
+from trainer.train import open_data, prepare_around, start_run_dir
+from trainer.watchdog import Watchdog
 
 WORLD = 2
 STEPS = [
@@ -74,10 +77,9 @@ def _run(tmp_path: Path, optimizer: str, update_in_backward: bool) -> list[dict]
             BackwardUpdateEngine(model, opt) if update_in_backward else FSDP2Engine(model, opt, max_norm=1.0)
         )
         prepared = prepare_around(run, data, engine, info)
-        log = start_run_dir(run, data, info, None, 0)
+        log = start_run_dir(prepared, info)
         memory = MemoryTracker.from_config(cfg.metrics, engine, DEVICE, cfg.run_dir, log.info)
-        while prepared.state.step < cfg.train.steps:
-            train_step(prepared, log, memory)
+        Loop(prepared, log, memory, StopSignals("", 1.0), Watchdog(0.0, 0, WORLD)).run()
         log.close()
         prepared.state.state_dict()  # what a checkpoint saves: trainer state (RNG gathered) and engine state
         ModelAndOptimizer(model, opt).state_dict()

@@ -5,8 +5,18 @@ import torch
 from torch import nn
 
 from models import causal_lm_loss
+from optim.sharded import CommClock
 from tests.distributed import run_distributed
 from trainer.engines.fsdp2 import FSDP2Engine
+
+
+class SGD(torch.optim.SGD):
+    """Plain SGD, whose update is the (clipped) gradient itself, with what an engine takes of the optimizers built
+    here: a clock of its exposed communication (none)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.comm_clock = CommClock()
 
 
 def _clipped_sgd_update(max_norm: float) -> dict:
@@ -19,7 +29,7 @@ def _clipped_sgd_update(max_norm: float) -> dict:
     model = Llama(model_config("llama_tiny", vocab_size=64, max_seq_len=16))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     apply_fsdp(model, init_device_mesh("cpu", (torch.distributed.get_world_size(),)))
-    engine = FSDP2Engine(model, torch.optim.SGD(model.parameters(), lr=1.0), max_norm=max_norm)
+    engine = FSDP2Engine(model, SGD(model.parameters(), lr=1.0), max_norm=max_norm)
     batch = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(1))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local = batch.chunk(world)[rank]

@@ -11,7 +11,7 @@ from launch.export_hf import load_model, main
 from tests.run_helpers import logged, trained_tiny_run
 from trainer.config import load_config
 from trainer.data import build_data
-from trainer.train import evaluate
+from trainer.loop import evaluate
 
 
 @pytest.fixture(scope="module")

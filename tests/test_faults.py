@@ -109,7 +109,11 @@ def ws2_run(tmp_path_factory) -> Path:
 @pytest.mark.parametrize(
     "damage, args, message",
     [
-        (lambda c: (c / "__1_0.distcp").unlink(), [], "step_000002: missing shard file __1_0.distcp"),
+        (
+            lambda c: (c / "__1_0.distcp").unlink(),
+            [],
+            "step_000002: damaged (__1_0.distcp is missing); no intact checkpoint is left",
+        ),
         (
             lambda c: None,
             ["--model.vocab_size=1024"],
@@ -148,7 +152,7 @@ def _nonfinite_runs(root: Path) -> dict[str, str]:
     import torch
 
     from trainer.engines.fsdp2 import FSDP2Engine
-    from trainer.train import NonFiniteError
+    from trainer.loop import NonFiniteError
 
     real = FSDP2Engine.forward_backward
     errors = {}
@@ -186,7 +190,7 @@ def test_a_non_finite_step_stops_without_saving_or_is_skipped_up_to_the_limit(tm
     errors = run_distributed(_nonfinite_runs, 2, tmp_path)
 
     assert errors["stop"] == (
-        "non-finite loss nan or grad norm nan at step 3; stopping without saving (last checkpoint is intact)"
+        "non-finite loss nan or grad norm nan at step 3; stopping without saving (step_000002 is intact)"
     )
     assert _names(tmp_path / "stop" / "checkpoints") == ["step_000001", "step_000002"]
     assert sorted(_records(tmp_path / "stop")) == [1, 2]

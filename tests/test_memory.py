@@ -15,8 +15,7 @@ from trainer.config import ConfigError, load_config
 from trainer.engines.fsdp2 import FSDP2Engine
 from trainer.memory.tensors import MiB, optimizer_state_bytes
 from trainer.memory.tracker import MemoryBreakdown, MemoryTracker, format_table, parse_steps
-from trainer.resolve import resolve
-from trainer.train import build_model
+from trainer.resolve import build_model, resolve
 
 SHAPE = ["--train.micro_batch_size=4", "--train.global_batch_size=4", "--train.seq_len=32"]
 

@@ -13,8 +13,7 @@ from tests.run_helpers import FAST, logged, train_in_process
 from trainer.config import ConfigError, load_config
 from trainer.engines.backward_update import BackwardUpdateEngine
 from trainer.engines.fsdp2 import FSDP2Engine
-from trainer.resolve import resolve
-from trainer.train import build_model
+from trainer.resolve import build_model, resolve
 
 SHAPE = ["--train.micro_batch_size=4", "--train.global_batch_size=4", "--train.seq_len=32"]
 # What is not bitwise, and why (u32 = 6e-8; weights, losses, orth_error and the spectrum are the same bits):

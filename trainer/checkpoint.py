@@ -269,6 +269,9 @@ class Checkpointer:
         """
         if not is_complete(path):
             raise CheckpointError(f"{path}: not a complete checkpoint (no {TRAINER_STATE})")
+        problem = damage(path)
+        if problem is not None:
+            raise CheckpointError(f"{path}: damaged ({problem})")
         trainer_state = read_trainer_state(path)
         for key, value in (expect or {}).items():
             if trainer_state.get(key) != value:

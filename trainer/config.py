@@ -65,6 +65,18 @@ def step_list(v: str) -> str | None:
     )
 
 
+def parse_steps(spec: str) -> set[int]:
+    """'2,5-7' -> {2, 5, 6, 7}; '' -> set(). ValueError on anything else."""
+    spec = spec.replace(" ", "")
+    if not STEP_LIST.match(spec):
+        raise ValueError(f"expected steps like '3', '1-3' or '2,5-7', got {spec!r}")
+    steps: set[int] = set()
+    for part in filter(None, spec.split(",")):
+        first, _, last = part.partition("-")
+        steps.update(range(int(first), int(last or first) + 1))
+    return steps
+
+
 def plain_name(v: str) -> str | None:
     ok = v and "/" not in v and v not in (".", "..")
     return None if ok else f"must be a plain directory name, got {v!r}"
@@ -122,6 +134,9 @@ class DataConfig:
     generated_seed: int = 1234
     generated_order: int = checked(1, one_of(1, 2))  # the next token depends on the last 1 or 2 tokens
     eval_sequences: int = checked(64, positive)
+    # Batches never trained on, numbered as an uninterrupted run takes them ("7", "120-160"): the by-hand form of
+    # a rollback (resilience.rollback), which skips the batches between its checkpoint and a bad step itself
+    skip_batches: str = checked("", step_list)
 
 
 @dataclass
@@ -212,7 +227,7 @@ class CheckpointConfig:
 
 @dataclass
 class ResilienceConfig:
-    """How a long run survives the cluster: preemption, divergence, a hung rank."""
+    """How a long run survives the cluster (docs/long-runs.md): preemption, divergence, a hung rank."""
 
     # These signals make every rank finish its step, save a checkpoint and exit with code 75 (rerun to resume).
     stop_signals: str = checked("SIGTERM,SIGUSR1", signal_names)

@@ -25,25 +25,13 @@ import torch
 import torch.distributed as dist
 from torch.autograd import DeviceType
 
-from trainer.config import STEP_LIST
+from trainer.config import parse_steps
 from trainer.memory.tensors import MiB, local_bytes
 
 if TYPE_CHECKING:
     from trainer.engines.protocol import Engine
 
 _SNAPSHOT_ENTRIES = 100_000
-
-
-def parse_steps(spec: str) -> set[int]:
-    """'2,5-7' -> {2, 5, 6, 7}; '' -> set(). ValueError on anything else."""
-    spec = spec.replace(" ", "")
-    if not STEP_LIST.match(spec):
-        raise ValueError(f"expected steps like '3', '1-3' or '2,5-7', got {spec!r}")
-    steps: set[int] = set()
-    for part in filter(None, spec.split(",")):
-        first, _, last = part.partition("-")
-        steps.update(range(int(first), int(last or first) + 1))
-    return steps
 
 
 def current_rss() -> int:
