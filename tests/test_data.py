@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from trainer.config import DataConfig
 from trainer.data import (
     DataError,
     HeldOutSet,
@@ -33,7 +34,8 @@ VOCABULARY = (
 WORDS = VOCABULARY.split()
 
 
-def make_cfg(**overrides) -> SimpleNamespace:
+def make_cfg(**overrides) -> DataConfig:
+    """The trainer's DataConfig; the rows in stream order (data.shuffle_rows 0) unless a test asks otherwise."""
     base = dict(
         source="generated",
         subset="",
@@ -46,8 +48,9 @@ def make_cfg(**overrides) -> SimpleNamespace:
         generated_seed=1234,
         generated_order=1,
         eval_sequences=64,
+        shuffle_rows=0,
     )
-    return SimpleNamespace(**{**base, **overrides})
+    return DataConfig(**{**base, **overrides})
 
 
 def english_lines(n: int, seed: int = 0) -> list[str]:
@@ -70,7 +73,8 @@ def loaders(cfg, world: int, split: str = "train", run_dir=None, batch: int = BA
     source, _, _ = open_source(cfg, split, tokenizer_of(cfg, run_dir))
     shard = {"seq_len": SEQ, "world_size": world}
     if split == "train":
-        return [TrainStream(source, global_batch_size=batch, rank=r, **shard) for r in range(world)]
+        order = {"shuffle_rows": cfg.shuffle_rows, "seed": cfg.seed or 0}
+        return [TrainStream(source, global_batch_size=batch, rank=r, **shard, **order) for r in range(world)]
     return [HeldOutSet(source, sequences=cfg.eval_sequences, rank=r, **shard) for r in range(world)]
 
 
@@ -161,6 +165,74 @@ def test_state_of_another_source_is_refused():
     (other,) = loaders(make_cfg(generated_seed=2), 1)
     with pytest.raises(DataError, match="seed=1"):
         other.load_state_dict(loader.state_dict())
+
+
+# ------------------------------------------------------------------------------------------- data order
+
+
+def _rows(batches: list[torch.Tensor]) -> list[tuple[int, ...]]:
+    return [tuple(row) for row in torch.cat(batches).tolist()]
+
+
+def test_the_data_order_follows_its_seed_and_each_window_keeps_its_rows():
+    in_order = _rows(global_batches(loaders(make_cfg(), 1), steps=8))  # 64 rows: four windows of 16
+    first = _rows(global_batches(loaders(make_cfg(shuffle_rows=16, seed=1), 1), steps=8))
+    assert first == _rows(global_batches(loaders(make_cfg(shuffle_rows=16, seed=1), 1), steps=8))
+    assert first != _rows(global_batches(loaders(make_cfg(shuffle_rows=16, seed=2), 1), steps=8))
+    assert first != in_order
+    for window in range(4):  # the same rows, another order: nothing lost, nothing repeated
+        rows = slice(16 * window, 16 * (window + 1))
+        assert sorted(first[rows]) == sorted(in_order[rows]) and first[rows] != in_order[rows]
+
+
+def test_a_shuffled_global_batch_is_the_same_for_every_world_size_and_resumes_exactly():
+    cfg = make_cfg(
+        shuffle_rows=12, seed=3
+    )  # windows of 12 rows, batches of 8: a batch may straddle two windows
+    reference = global_batches(loaders(cfg, 1), steps=9)
+    for world in (2, 4):
+        assert all(
+            torch.equal(a, b) for a, b in zip(global_batches(loaders(cfg, world), 9), reference, strict=True)
+        ), world
+    for steps_before in (3, 4):  # 24 rows: at a window's end; 32: inside the third window
+        ranks = loaders(cfg, 2)
+        global_batches(ranks, steps_before)
+        state = json.loads(json.dumps(ranks[0].state_dict()))
+        assert state["rows"] == 8 * steps_before and state["shuffle_rows"] == 12 and state["seed"] == 3
+        for world in (1, 4):
+            resumed = loaders(cfg, world)
+            for loader in resumed:
+                loader.load_state_dict(state)
+            after = global_batches(resumed, 9 - steps_before)
+            assert all(torch.equal(a, b) for a, b in zip(after, reference[steps_before:], strict=True))
+
+
+def test_a_state_of_another_data_order_is_refused_in_one_line():
+    (seeded,) = loaders(make_cfg(shuffle_rows=16, seed=1), 1)
+    seeded.next_batch()
+    (other,) = loaders(make_cfg(shuffle_rows=16, seed=2), 1)
+    with pytest.raises(DataError, match=r"data.shuffle_rows=16, data seed 1; this run has 16 and 2"):
+        other.load_state_dict(seeded.state_dict())
+    (plain,) = loaders(make_cfg(), 1)
+    plain.next_batch()
+    older = {k: v for k, v in plain.state_dict().items() if k not in ("shuffle_rows", "seed")}
+    with pytest.raises(DataError, match="written with data.shuffle_rows=0"):  # a state from before shuffling
+        other.load_state_dict(older)
+    (unshuffled,) = loaders(make_cfg(), 1)
+    unshuffled.load_state_dict(older)  # read as the unshuffled order it was
+    assert unshuffled.state_dict()["rows"] == BATCH
+
+
+def test_the_data_seed_is_train_seed_unless_set():
+    def first(cfg, train_seed: int) -> torch.Tensor:
+        built = build_data(cfg, seq_len=SEQ, global_batch_size=BATCH, rank=0, world_size=1, run_dir=None,
+                           train_seed=train_seed)  # fmt: skip
+        return built.train.next_batch()
+
+    shuffled = make_cfg(shuffle_rows=64)
+    assert not torch.equal(first(shuffled, 0), first(shuffled, 1))
+    assert torch.equal(first(make_cfg(shuffle_rows=64, seed=1), 0), first(shuffled, 1))
+    assert torch.equal(first(make_cfg(), 0), first(make_cfg(), 1))  # unshuffled: the source's order
 
 
 # -------------------------------------------------------------------------------------- text sources

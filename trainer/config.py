@@ -40,7 +40,7 @@ def positive(v: Any) -> str | None:
 
 
 def non_negative(v: Any) -> str | None:
-    return None if v >= 0 else f"must be >= 0, got {v}"
+    return None if v is None or v >= 0 else f"must be >= 0, got {v}"
 
 
 def unit_interval(v: Any) -> str | None:
@@ -137,6 +137,12 @@ class DataConfig:
     # Batches never trained on, numbered as an uninterrupted run takes them ("7", "120-160"): the by-hand form of
     # a rollback (resilience.rollback), which skips the batches between its checkpoint and a bad step itself
     skip_batches: str = checked("", step_list)
+    # The data order: the training rows in windows of this many, each window taken in an order drawn from the data
+    # seed (0 = the source's own order). Every rank holds one window of tokens
+    shuffle_rows: int = checked(4096, non_negative)
+    seed: int | None = checked(
+        None, non_negative
+    )  # the data order's seed; None = train.seed (init and order)
 
 
 @dataclass
@@ -181,7 +187,7 @@ class TrainConfig:
     global_batch_size: int = checked(16, positive)  # sequences per optimizer step, all ranks together
     micro_batch_size: int = checked(8, positive)  # sequences per forward/backward on one rank
     seq_len: int = checked(128, positive)
-    seed: int = 0
+    seed: int = checked(0, non_negative)  # the initialisation's, and the data order's unless data.seed is set
     run_name: str = checked("tiny", plain_name)  # the run directory is <runs_dir>/<run_name>/
     runs_dir: str = "runs"
     schedule: str = checked("cosine", one_of("cosine", "wsd", "constant"))

@@ -81,6 +81,7 @@ def open_data(cfg: Config, dist_info: DistInfo) -> Data:
         world_size=dist_info.world_size,
         run_dir=cfg.run_dir,
         pin_device=dist_info.device if dist_info.device.type == "cuda" else None,
+        train_seed=t.seed,
     )
 
 

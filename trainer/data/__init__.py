@@ -60,10 +60,12 @@ def build_data(
     world_size: int,
     run_dir: Path | None,
     pin_device: torch.device | None = None,
+    train_seed: int = 0,
 ) -> Data:
     """Open and check the train and eval splits of `cfg`; DataError (one line) for anything unusable. With more
     than one rank and text to tokenize, a collective (it makes the exchange's process group). `pin_device`: the
-    CUDA device the train batches go to (made in pinned memory)."""
+    CUDA device the train batches go to (made in pinned memory). The data order's seed is `cfg.seed`, or
+    `train_seed` when that is None."""
     tokenizer, trained = build_tokenizer(cfg, run_dir)
     text = tokenizer is not None and not is_prepared(cfg.source)
     exchange = DocExchange.create(rank, world_size) if text and world_size > 1 else None
@@ -71,7 +73,14 @@ def build_data(
     eval_source, _, _ = open_source(cfg, "eval", tokenizer, exchange)
     shard = {"seq_len": seq_len, "rank": rank, "world_size": world_size}
     return Data(
-        train=TrainStream(train_source, global_batch_size=global_batch_size, pin_device=pin_device, **shard),
+        train=TrainStream(
+            train_source,
+            global_batch_size=global_batch_size,
+            pin_device=pin_device,
+            shuffle_rows=cfg.shuffle_rows,
+            seed=train_seed if cfg.seed is None else cfg.seed,
+            **shard,
+        ),
         held_out=HeldOutSet(eval_source, sequences=cfg.eval_sequences, **shard),
         vocab_size=vocab_size,
         entropy_floor=floor,

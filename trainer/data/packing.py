@@ -13,10 +13,16 @@ Two objects with two jobs: the `TrainStream` (the training split, endless, state
 exactly at any world size; its batches are made ahead by a thread, prefetch.py) and the `HeldOutSet` (the first
 eval_sequences rows of the eval split, read once, the same rows at every evaluation).
 
+Order: with `shuffle_rows` n > 0, the stream of rows is cut into windows of n rows, and each window's rows are
+taken in a random order drawn from (seed, window index): the data order follows a seed (the trainer's
+`data.seed`, by default `train.seed`) while a step's global batch still does not depend on the world size. Every
+rank then reads whole windows (it cannot know its rows before the permutation); memory: one window of tokens.
+
 Resume: the position is (epoch, document index, tokens of that document already used) plus a row counter:
 a few ints, the same for every world size and seq_len (for pre-tokenized shards a "document" is a shard). Loading
 it re-reads that one document (for Hugging Face streaming after `dataset.skip(n)`) and continues exactly, at any
-world size. Each batch the thread makes carries the position after it, and `state_dict` is the position after
+world size. Shuffled, the position is that of the current window's first row: a resume re-reads the window and
+draws the same permutation. Each batch the thread makes carries the position after it, and `state_dict` is the position after
 the last batch the loop took, so batches made ahead and never used are made again after a resume.
 """
 
@@ -84,22 +90,26 @@ class TrainStream:
         rank: int,
         world_size: int,
         pin_device: torch.device | None = None,
+        shuffle_rows: int = 0,
+        seed: int = 0,
     ):
         if (
             seq_len < 1
             or not 0 <= rank < world_size
             or global_batch_size < 1
             or global_batch_size % world_size
+            or shuffle_rows < 0
         ):
             raise DataError(
                 f"need seq_len >= 1, 0 <= rank < world_size and global_batch_size a positive multiple of "
-                f"world_size; got seq_len={seq_len}, rank={rank}, world_size={world_size}, "
-                f"global_batch_size={global_batch_size}"
+                f"world_size, and shuffle_rows >= 0; got seq_len={seq_len}, rank={rank}, world_size={world_size}, "
+                f"global_batch_size={global_batch_size}, shuffle_rows={shuffle_rows}"
             )
         if len(TokenStream(source, repeat=False).take(1)) == 0:  # an input check: before anything is written
             raise DataError(f"data source {source.name} has no training documents")
         self.source, self.seq_len, self.global_batch_size = source, seq_len, global_batch_size
         self.rank, self.world_size, self.pin_device = rank, world_size, pin_device
+        self.order = {"shuffle_rows": shuffle_rows, "seed": seed if shuffle_rows else 0}
         self._state: dict[str, Any] = {"source": source.name, "epoch": 0, "docs": 0, "offset": 0, "rows": 0}
         self._ahead: Prefetcher[tuple[torch.Tensor, dict[str, Any]]] | None = None
         self._waited_s, self._taken = 0.0, 0
@@ -129,13 +139,20 @@ class TrainStream:
             self._ahead = None
 
     def state_dict(self) -> dict[str, Any]:
-        """The position after the last batch next_batch returned."""
-        return dict(self._state)
+        """The position after the last batch next_batch returned, and the order it follows."""
+        return {**self._state, **self.order}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["source"] != self.source.name:
             raise DataError(
                 f"data state is for source {state['source']!r}, this run reads {self.source.name!r}"
+            )
+        saved = {key: state.get(key, 0) for key in self.order}  # states written before shuffling had none
+        if saved != self.order:
+            raise DataError(
+                f"data state was written with data.shuffle_rows={saved['shuffle_rows']}, data seed "
+                f"{saved['seed']}; this run has {self.order['shuffle_rows']} and {self.order['seed']}: its rows "
+                f"would not continue that order (set them as they were to resume)"
             )
         self.close()
         self._state = {key: state[key] for key in ("source", "epoch", "docs", "offset", "rows")}
@@ -146,18 +163,52 @@ class TrainStream:
             torch.cuda.set_device(self.pin_device)  # this thread's own current device: no context on GPU 0
         start = Position(state["epoch"], state["docs"])
         stream = TokenStream(self.source, repeat=True, start=start, offset=state["offset"])
-        b, width, rows = self.global_batch_size, self.seq_len + 1, state["rows"]
+        width = self.seq_len + 1
+        rows_of = self._shuffled if self.order["shuffle_rows"] else self._in_order
+        for tokens, position in rows_of(stream, state["rows"]):
+            batch = torch.from_numpy(tokens.astype(np.int64, copy=False).reshape(-1, width))
+            yield (batch.pin_memory() if self.pin_device is not None else batch), {**state, **position}
+
+    def _in_order(self, stream: TokenStream, rows: int) -> Iterator[tuple[np.ndarray, dict[str, int]]]:
+        """This rank's tokens of each global batch in stream order, with the position after the batch."""
+        b, width = self.global_batch_size, self.seq_len + 1
         block = _block(b, self.rank, self.world_size)
         keep = slice(block.start * width, block.stop * width)
         while True:
             tokens = stream.take(b * width, keep)
             rows += b
-            batch = torch.from_numpy(tokens.astype(np.int64, copy=False).reshape(-1, width))
-            position = {"epoch": stream.position.epoch, "docs": stream.position.docs, "offset": stream.offset}
-            yield (
-                (batch.pin_memory() if self.pin_device is not None else batch),
-                {**state, **position, "rows": rows},
-            )
+            yield tokens, {**_position(stream), "rows": rows}
+
+    def _shuffled(self, stream: TokenStream, rows: int) -> Iterator[tuple[np.ndarray, dict[str, int]]]:
+        """This rank's rows of each global batch, each window of shuffle_rows rows in its seeded order; the
+        position after a batch is that of the window its next row belongs to."""
+        n, b, width = self.order["shuffle_rows"], self.global_batch_size, self.seq_len + 1
+        block = _block(b, self.rank, self.world_size)
+        index = -1  # the window in hand: none yet
+        while True:
+            parts, first = [], rows
+            while first < rows + b:
+                if first // n != index:  # the next window: read whole, its permutation drawn
+                    index, window_start = first // n, _position(stream)
+                    window = stream.take(n * width).reshape(n, width)
+                    order = window_order(self.order["seed"], index, n)
+                end = min(rows + b, (index + 1) * n)
+                lo, hi = max(first, rows + block.start), min(end, rows + block.stop)
+                if lo < hi:
+                    parts.append(window[order[lo - index * n : hi - index * n]])
+                first = end
+            rows += b
+            position = window_start if rows % n else _position(stream)  # a window ends here: the next one's
+            yield np.concatenate(parts), {**position, "rows": rows}
+
+
+def window_order(seed: int, window: int, rows: int) -> np.ndarray:
+    """The order in which window `window`'s rows are taken: a permutation drawn from (seed, window) alone."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, window]))).permutation(rows)
+
+
+def _position(stream: TokenStream) -> dict[str, int]:
+    return {"epoch": stream.position.epoch, "docs": stream.position.docs, "offset": stream.offset}
 
 
 class HeldOutSet:
