@@ -11,6 +11,15 @@ per element, c counted from each rule's operations), and for the whole-matrix ru
 value for square and tall matrices, which floors it at 1/sqrt(p), 0.031 for p = 1024).
 
     python -m benchmarks.optimizer_step [--device cuda] [--ns-dtype float32] [--repeats 10]
+
+`--count` prints another table instead, which needs no GPU: the device operations one optimizer step dispatches
+for the whole model, with each shipped configs/llama350m_<optimizer>.yaml, counted on the meta device (shapes
+and dtypes are real, nothing is computed). Each aten op that writes a device tensor is a kernel launch on CUDA
+(a foreach op is one dispatch, a few launches); view ops launch nothing and are not counted; a host read of a
+device value (`.item()`, a data-dependent branch) would be a device sync and is counted apart. torch's own AdamW
+chooses its foreach path for the meta device as it does on CUDA.
+
+    python -m benchmarks.optimizer_step --count
 """
 
 from __future__ import annotations
@@ -19,12 +28,17 @@ import argparse
 import random
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable
+from typing import Any
+from unittest import mock
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
-from models import model_config
-from optim import SWAN, AuON, HybridAuON, Muon, NorMuon, SinkGD
+from models import Llama, model_config
+from optim import SWAN, AuON, HybridAuON, Muon, NorMuon, SinkGD, build_optimizer
 from optim.newton_schulz import (
     coupled_adaptive,
     coupled_flops,
@@ -34,6 +48,7 @@ from optim.newton_schulz import (
     ns5_form_flops,
     orthogonality_error,
 )
+from optim.routing import route_parameters
 
 # Estimated elementwise FLOPs per matrix element of one step (momentum lerps, normalizations, the update).
 ELEMENTWISE = {"adamw": 12, "muon": 8, "swan": 8, "sinkgd": 32, "normuon": 13, "auon": 15, "hybrid_auon": 12}
@@ -170,6 +185,67 @@ def measure(
     return "\n".join(lines)
 
 
+# ops that only make a new view of the same memory, though not marked as views
+METADATA_OPS = {torch.ops.aten._unsafe_view, torch.ops.aten.detach, torch.ops.aten.alias}
+
+
+class DispatchCounter(TorchDispatchMode):
+    """Counts the aten ops that write a tensor on the meta device (kernels on a real device) and the host reads
+    of a device value (syncs on a real device)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernels: Counter[str] = Counter()
+        self.syncs = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        on_device = any(isinstance(t, torch.Tensor) and t.is_meta for t in tree_leaves((args, kwargs, out)))
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.syncs += on_device
+        elif on_device and not func.is_view and func.overloadpacket not in METADATA_OPS:
+            self.kernels[str(func.overloadpacket)] += 1
+        return out
+
+
+def count_dispatches(name: str) -> tuple[DispatchCounter, int]:
+    """One step (the second: the first makes the state) of configs/llama350m_<name>.yaml's optimizer on its
+    model, on the meta device; the counter and the number of hidden matrices."""
+    from trainer.config import load_config  # the benchmark's only trainer import: the shipped configs
+
+    cfg = load_config(f"configs/llama350m_{name}.yaml")
+    with torch.device("meta"):
+        model = Llama(model_config(cfg.model.name, vocab_size=cfg.model.vocab_size or None))
+    matrices, _ = route_parameters(model)
+    optimizer = build_optimizer(cfg.optim, model)
+    for p in model.parameters():
+        p.grad = torch.empty_like(p)
+    supported = "torch.optim.optimizer._get_foreach_kernels_supported_devices"
+    with mock.patch(supported, lambda: ["cuda", "meta"]):
+        optimizer.step()
+        counter = DispatchCounter()
+        with counter:
+            optimizer.step()
+    return counter, len(matrices)
+
+
+def count_table(names: list[str]) -> str:
+    """The --count table (markdown)."""
+    lines = [
+        "Device operations dispatched by one optimizer step of the shipped llama350m configs (meta device; "
+        "kernels on CUDA).",
+        "",
+        "| optimizer | kernels per step | per hidden matrix | device syncs | most frequent |",
+        "| --- | ---: | ---: | ---: | --- |",
+    ]
+    for name in names:
+        counter, matrices = count_dispatches(name)
+        total = sum(counter.kernels.values())
+        top = ", ".join(f"{op.removeprefix('aten.')} {n}" for op, n in counter.kernels.most_common(3))
+        lines.append(f"| {name} | {total} | {total / matrices:.1f} | {counter.syncs} | {top} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -187,7 +263,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--only", nargs="*", help="subset of optimizers (adamw is always measured)")
+    parser.add_argument(
+        "--count", action="store_true", help="count the step's kernels on the meta device instead of timing"
+    )
     args = parser.parse_args()
+    if args.count:
+        shipped = ["adamw", "muon", "normuon", "swan", "sinkgd", "auon", "hybrid_auon"]
+        print(count_table([n for n in shipped if not args.only or n in args.only or n == "adamw"]))
+        return
     print(measure(args.model, args.device, args.ns_dtype, args.tf32, args.warmup, args.repeats, args.only))
 
 

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.loss import linear_cross_entropy
+
 
 @dataclass
 class LlamaConfig:
@@ -140,7 +142,7 @@ class Llama(nn.Module):
             self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
             self.layers = nn.ModuleList(TransformerBlock(cfg, attend) for _ in range(cfg.n_layers))
             self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-            self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+            self.output = OutputHead(cfg.dim, cfg.vocab_size, bias=False)
             cos, sin = rope_cache(cfg)
         # Non-persistent: derived from the config, so never in checkpoints; recomputed by init_weights.
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -161,8 +163,9 @@ class Llama(nn.Module):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, T] (T <= max_seq_len) -> logits [B, T, vocab] in the activation dtype."""
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, T] (T <= max_seq_len) -> logits [B, T, vocab] in the activation dtype; with targets [B, T],
+        the mean cross entropy instead (fp32 scalar; the logits are never materialized: models/loss.py)."""
         seq_len = tokens.shape[1]
         if seq_len > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {seq_len} exceeds max_seq_len {self.cfg.max_seq_len}")
@@ -170,14 +173,24 @@ class Llama(nn.Module):
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h, cos, sin)
-        return self.output(self.norm(h))
+        return self.output(self.norm(h), targets)
+
+
+class OutputHead(nn.Linear):
+    """The untied output layer; given targets it returns the loss without materializing the logits. A module of
+    its own (not the root's weight read directly) so that engines which gather a layer's parameters around its
+    forward (DeepSpeed ZeRO-3) gather it."""
+
+    def forward(self, h: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        if targets is None:
+            return super().forward(h)
+        return linear_cross_entropy(h.flatten(0, -2), self.weight, targets.flatten())
 
 
 def causal_lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross entropy of a packed batch [B, T+1] (inputs batch[:, :-1], targets batch[:, 1:]),
     computed in fp32 whatever the activation dtype."""
-    logits = model(batch[:, :-1])
-    return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+    return model(batch[:, :-1], targets=batch[:, 1:])
 
 
 _HF_TOP = {

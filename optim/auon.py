@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from optim.base import MatrixOptimizer
+from optim.batches import Batch, same_shape_batches
 from optim.newton_schulz import NS5_EPS
 from optim.options import MOMENTUM, NESTEROV, NEWTON_SCHULZ, VARIANT
 from optim.sharded import MatrixSlot, all_reduce_sums
@@ -74,41 +75,46 @@ class AuON(MatrixOptimizer):
         }
         super().__init__(params, defaults)
 
-    def _directions(self, slots: list[MatrixSlot], inputs: list[Tensor]) -> list[Tensor]:
-        """The direction D that the cosh-RMS scaling divides: paper X = U / (|U|_F + 1e-7); reference U."""
+    def _directions(
+        self, slots: list[MatrixSlot], inputs: list[Tensor], batches: list[Batch]
+    ) -> list[Tensor]:
+        """The direction D that the cosh-RMS scaling divides, stacked per batch: paper X = U / (|U|_F + 1e-7);
+        reference U."""
+        stacks = [batch.stack(inputs) for batch in batches]
         if self.variant != "paper":
-            return inputs
-        norms = self._frobenius_norms(slots, inputs)
-        return [u / (n + NS5_EPS) for u, n in zip(inputs, norms, strict=True)]
+            return stacks
+        norms = self._frobenius_norms(batches, stacks)
+        return [u / (n + NS5_EPS).view(-1, 1, 1) for u, n in zip(stacks, norms, strict=True)]
 
     def _matrix_step(self, slots: list[MatrixSlot]) -> None:
         inputs = self._momentum_inputs(slots, [s.group["nesterov"] for s in slots])
-        self._cosh_rms_update(slots, self._directions(slots, inputs))
+        batches = same_shape_batches(slots)
+        self._cosh_rms_update(batches, self._directions(slots, inputs, batches))
 
     @staticmethod
-    def _frobenius_norms(slots: list[MatrixSlot], xs: list[Tensor]) -> list[Tensor]:
-        """|X|_F of each whole matrix (one all-reduce of the squared sums)."""
-        sq = [x.square().sum() for x in xs]
-        all_reduce_sums(sq, [s.info for s in slots])
+    def _frobenius_norms(batches: list[Batch], stacks: list[Tensor]) -> list[Tensor]:
+        """|X|_F of each whole matrix, [k] per batch (one all-reduce of the squared sums)."""
+        sq = [x.square().sum(dim=(1, 2)) for x in stacks]
+        all_reduce_sums(sq, [b.info for b in batches])
         return [s.sqrt() for s in sq]
 
-    def _cosh_rms_update(self, slots: list[MatrixSlot], directions: list[Tensor]) -> None:
+    def _cosh_rms_update(self, batches: list[Batch], directions: list[Tensor]) -> None:
         """W update along D / (r + 1e-8), r = sqrt(mean(cosh(A)^2)) with the mean over the whole matrix (one
         all-reduce). paper: A = D, times sqrt(max(1, m/n)); reference_code: A = 1.5 D / (|D|_F + 1e-7) (one
         more all-reduce, for the norms), no shape factor."""
         if self.variant == "paper":
-            cosh_sq = [d.cosh().square().sum() for d in directions]
+            cosh_sq = [d.cosh().square().sum(dim=(1, 2)) for d in directions]
         else:
-            norms = self._frobenius_norms(slots, directions)
+            norms = self._frobenius_norms(batches, directions)
             cosh_sq = [
-                (d / (n + NS5_EPS) * COSH_GAMMA).cosh().square().sum()
+                (d / (n + NS5_EPS).view(-1, 1, 1) * COSH_GAMMA).cosh().square().sum(dim=(1, 2))
                 for d, n in zip(directions, norms, strict=True)
             ]
-        all_reduce_sums(cosh_sq, [s.info for s in slots])
-        for slot, d, c in zip(slots, directions, cosh_sq, strict=True):
-            r = (c / (slot.rows * slot.cols)).sqrt()
-            factor = math.sqrt(max(1.0, slot.rows / slot.cols)) if self.variant == "paper" else 1.0
-            self._apply_update(slot, d, factor / (r + COSH_EPS))
+        all_reduce_sums(cosh_sq, [b.info for b in batches])
+        for batch, d, c in zip(batches, directions, cosh_sq, strict=True):
+            r = (c / (batch.rows * batch.cols)).sqrt()
+            factor = math.sqrt(max(1.0, batch.rows / batch.cols)) if self.variant == "paper" else 1.0
+            self._apply_batch(batch, d, factor / (r + COSH_EPS))
 
 
 class HybridAuON(AuON):
@@ -157,5 +163,8 @@ class HybridAuON(AuON):
             params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, variant=variant
         )
 
-    def _directions(self, slots: list[MatrixSlot], inputs: list[Tensor]) -> list[Tensor]:
-        return self._on_whole_matrices(slots, inputs)
+    def _directions(
+        self, slots: list[MatrixSlot], inputs: list[Tensor], batches: list[Batch]
+    ) -> list[Tensor]:
+        ortho = self._on_whole_matrices(slots, inputs)
+        return [batch.stack(ortho) for batch in batches]

@@ -19,9 +19,9 @@ included, is a `HealthReport`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -47,6 +47,9 @@ class NoRecord:
     ) -> None:
         pass
 
+    def settle(self, params: Sequence[Tensor]) -> None:
+        pass
+
     def orthogonality_probe(self, lead: Tensor) -> Callable[[Tensor], None] | None:
         return None
 
@@ -69,6 +72,9 @@ class StepHealth:
     # This rank's rows (possibly none) of the sampled matrix's applied update, lr * scale * direction in the math
     # dtype (the first matrix of the first matrix group): update_spectral_norm / update_stable_rank.
     probe_update: Tensor | None = None
+    # id(param) -> its [|update|^2, |W|^2], until `settle` adds them in the step's order of matrices (a batched rule
+    # applies them by shape; the sums must not depend on that, nor on the chunks)
+    pending: dict[int, Tensor] = field(default_factory=dict)
 
     @classmethod
     def of_partition(
@@ -95,10 +101,17 @@ class StepHealth:
     ) -> None:
         """One matrix's applied update lr * scale * direction (weight decay excluded) and its weight before it."""
         scaled = direction.to(self.sums.dtype) * scale
-        self.sums[0] += scaled.square().sum() * lr**2
-        self.sums[1] += weight.to(self.sums.dtype).square().sum()
+        self.pending[id(param)] = torch.stack(
+            [scaled.square().sum() * lr**2, weight.to(self.sums.dtype).square().sum()]
+        )
         if param is self.sampled:  # its rows of the applied update, for the spectrum (report() time)
             self.probe_update = scaled.mul_(lr)
+
+    def settle(self, params: Sequence[Tensor]) -> None:
+        """Add the recorded updates to the sums in the order of `params` (the step's matrices)."""
+        for param in params:
+            if id(param) in self.pending:
+                self.sums[:2] += self.pending.pop(id(param))
 
     def orthogonality_probe(self, lead: Tensor) -> Callable[[Tensor], None] | None:
         """The probe for apply_to_whole_matrices over a chunk led by `lead`: the sampled matrix's orth_error."""

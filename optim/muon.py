@@ -8,6 +8,7 @@ from collections.abc import Iterable
 import torch
 
 from optim.base import MatrixOptimizer
+from optim.batches import same_shape_batches
 from optim.options import MOMENTUM, NESTEROV, NEWTON_SCHULZ, NS5_POLYNOMIALS
 from optim.sharded import MatrixSlot
 
@@ -64,5 +65,5 @@ class Muon(MatrixOptimizer):
     def _matrix_step(self, slots: list[MatrixSlot]) -> None:
         inputs = self._momentum_inputs(slots, [s.group["nesterov"] for s in slots])
         ortho = self._on_whole_matrices(slots, inputs)
-        for slot, o in zip(slots, ortho, strict=True):
-            self._apply_update(slot, o, math.sqrt(max(1.0, slot.rows / slot.cols)))
+        for batch in same_shape_batches(slots):
+            self._apply_batch(batch, batch.pick(ortho), math.sqrt(max(1.0, batch.rows / batch.cols)))

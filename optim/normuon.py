@@ -9,6 +9,7 @@ from collections.abc import Iterable
 import torch
 
 from optim.base import MatrixOptimizer, guarded_ratio
+from optim.batches import same_shape_batches
 from optim.options import MOMENTUM, NEWTON_SCHULZ, NS5_POLYNOMIALS, VARIANT
 from optim.sharded import MatrixSlot, all_reduce_sums, local, zeros_rows_like
 
@@ -87,20 +88,23 @@ class NorMuon(MatrixOptimizer):
         reference = self.variant == "reference_code"
         inputs = self._momentum_inputs(slots, [reference] * len(slots))  # b1 is the group's momentum
         ortho = self._on_whole_matrices(slots, inputs)
+        batches = same_shape_batches(slots)
         normalized, norms_sq = [], []
-        for slot, o in zip(slots, ortho, strict=True):
-            if "second_moment" not in slot.state:
-                slot.state["second_moment"] = zeros_rows_like(slot.param)
-            v = local(slot.state["second_moment"])
-            v.lerp_(o.square().mean(dim=1), 1 - slot.group["beta2"])
-            o_hat = o / (v.sqrt() + slot.group["eps"]).unsqueeze(1)
+        for batch in batches:
+            o = batch.stack(ortho)
+            for slot in batch.slots:
+                if "second_moment" not in slot.state:
+                    slot.state["second_moment"] = zeros_rows_like(slot.param)
+            v = [local(slot.state["second_moment"]) for slot in batch.slots]
+            torch._foreach_lerp_(v, list(o.square().mean(dim=-1).unbind(0)), 1 - batch.group["beta2"])
+            o_hat = o / (torch.stack(v).sqrt() + batch.group["eps"]).unsqueeze(-1)
             normalized.append(o_hat)
-            norms_sq.append(torch.stack([o_hat.square().sum(), o.square().sum()]))
-        all_reduce_sums(norms_sq, [s.info for s in slots])
-        for slot, o_hat, sq in zip(slots, normalized, norms_sq, strict=True):
-            o_hat_norm, o_norm = sq.sqrt().unbind()
+            norms_sq.append(torch.stack([o_hat.square().sum(dim=(1, 2)), o.square().sum(dim=(1, 2))], dim=1))
+        all_reduce_sums(norms_sq, [b.info for b in batches])  # [k, 2] per batch: one all-reduce
+        for batch, o_hat, sq in zip(batches, normalized, norms_sq, strict=True):
+            o_hat_norm, o_norm = sq.sqrt().unbind(1)
             if reference:
-                scale = guarded_ratio(o_norm, o_hat_norm) * math.sqrt(max(1.0, slot.rows / slot.cols))
+                scale = guarded_ratio(o_norm, o_hat_norm) * math.sqrt(max(1.0, batch.rows / batch.cols))
             else:
-                scale = guarded_ratio(0.2 * math.sqrt(slot.rows * slot.cols), o_hat_norm)
-            self._apply_update(slot, o_hat, scale)
+                scale = guarded_ratio(0.2 * math.sqrt(batch.rows * batch.cols), o_hat_norm)
+            self._apply_batch(batch, o_hat, scale)

@@ -281,13 +281,14 @@ class _Pending:
 
 
 def _batched(fn: Callable[[Tensor], Tensor], wholes: dict[int, Tensor]) -> dict[int, Tensor]:
-    """fn applied to the whole matrices, one call per distinct shape (stacked)."""
-    by_shape: dict[tuple[int, ...], list[int]] = {}
+    """fn applied to the whole matrices, one call per distinct shape and dtype (stacked); results in their
+    matrices' dtype (one cast per stack, not one per matrix)."""
+    by_shape: dict[tuple, list[int]] = {}
     for i, whole in wholes.items():
-        by_shape.setdefault(tuple(whole.shape), []).append(i)
+        by_shape.setdefault((tuple(whole.shape), whole.dtype), []).append(i)
     out: dict[int, Tensor] = {}
-    for idx in by_shape.values():
-        out.update(zip(idx, fn(torch.stack([wholes[i] for i in idx])).unbind(), strict=True))
+    for (_, dtype), idx in by_shape.items():
+        out.update(zip(idx, fn(torch.stack([wholes[i] for i in idx])).to(dtype).unbind(), strict=True))
     return out
 
 

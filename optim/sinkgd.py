@@ -6,6 +6,7 @@ import math
 from collections.abc import Iterable
 
 from optim.base import MatrixOptimizer
+from optim.batches import same_shape_batches
 from optim.options import Option
 from optim.sharded import MatrixSlot, all_reduce_sums, math_dtype
 
@@ -36,14 +37,16 @@ class SinkGD(MatrixOptimizer):
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
 
     def _matrix_step(self, slots: list[MatrixSlot]) -> None:
-        xs = [s.grad.to(math_dtype(s.grad), copy=True) for s in slots]
-        infos = [s.info for s in slots]
+        batches = same_shape_batches(slots)
+        # each batch stacked [k, rows, cols] (a copy: the gradients are read again by logging)
+        xs = [b.stack([s.grad for s in slots], math_dtype(b.slots[0].grad)) for b in batches]
+        infos = [b.info for b in batches]
         for _ in range(self.iters):
-            for slot, x in zip(slots, xs, strict=True):
-                x.mul_(math.sqrt(slot.cols) / x.norm(dim=1, keepdim=True).clamp_min(NORM_EPS))
-            col_sq = [x.square().sum(dim=0) for x in xs]
+            for batch, x in zip(batches, xs, strict=True):
+                x.mul_(math.sqrt(batch.cols) / x.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS))
+            col_sq = [x.square().sum(dim=-2) for x in xs]  # [k, cols]: one all-reduce for them all
             all_reduce_sums(col_sq, infos)
-            for slot, x, sq in zip(slots, xs, col_sq, strict=True):
-                x.mul_(math.sqrt(slot.rows) / sq.sqrt().clamp_min(NORM_EPS))
-        for slot, x in zip(slots, xs, strict=True):
-            self._apply_update(slot, x, 1.0)
+            for batch, x, sq in zip(batches, xs, col_sq, strict=True):
+                x.mul_((math.sqrt(batch.rows) / sq.sqrt().clamp_min(NORM_EPS)).unsqueeze(-2))
+        for batch, x in zip(batches, xs, strict=True):
+            self._apply_batch(batch, x, 1.0)

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 import torch
 
 from optim.base import MatrixOptimizer
+from optim.batches import same_shape_batches, scatter
 from optim.newton_schulz import (
     coupled_adaptive,
     coupled_flops,
@@ -79,14 +80,15 @@ class SWAN(MatrixOptimizer):
         return WHITENING[self.whitening][1](m, n, self.ns_steps)
 
     def _matrix_step(self, slots: list[MatrixSlot]) -> None:
+        batches = same_shape_batches(slots)
         normalized = []
-        for slot in slots:
-            grad = slot.grad.to(math_dtype(slot.grad))
-            centered = grad - grad.mean(dim=1, keepdim=True)
+        for batch in batches:
+            grads = batch.stack([s.grad for s in slots], math_dtype(batch.slots[0].grad))
+            centered = grads - grads.mean(dim=-1, keepdim=True)
             # population std, written out: torch.std warns on a rank's empty (0-row) block
-            std = centered.square().mean(dim=1, keepdim=True).sqrt()
-            normalized.append(centered / (std + slot.group["eps"]))
+            std = centered.square().mean(dim=-1, keepdim=True).sqrt()
+            normalized.append(centered / (std + batch.group["eps"]))
         whiten, cost, _, _ = WHITENING[self.whitening]
-        whitened = self._on_whole_matrices(slots, normalized, whiten, cost)
-        for slot, d in zip(slots, whitened, strict=True):
-            self._apply_update(slot, d, math.sqrt(max(slot.rows, slot.cols)))
+        whitened = self._on_whole_matrices(slots, scatter(batches, normalized, len(slots)), whiten, cost)
+        for batch in batches:
+            self._apply_batch(batch, batch.pick(whitened), math.sqrt(max(batch.rows, batch.cols)))

@@ -90,7 +90,7 @@ def test_a_gradient_no_hook_consumed_is_an_error():
     engine = BackwardUpdateEngine(model, build_optimizer(cfg.optim, model))
     model.extra = nn.Linear(4, 4)  # registered after the engine: no hook, its gradient stays
     original = model.forward
-    model.forward = lambda tokens: original(tokens) + model.extra(torch.ones(4)).sum()
+    model.forward = lambda tokens, targets: original(tokens, targets) + model.extra(torch.ones(4)).sum()
     with pytest.raises(RuntimeError, match="not consumed by their post-accumulate-grad hook"):
         engine.forward_backward([torch.randint(0, 512, (4, 33))])
 

@@ -89,7 +89,7 @@ def test_the_variants_train_like_keller_on_a_tiny_run(tmp_path) -> None:
     assert swan["coupled_adaptive"] == pytest.approx(swan["coupled"], rel=0.02)
 
 
-def test_tf32_is_an_option_that_changes_nothing_on_cpu() -> None:
+def test_tf32_is_the_default_and_changes_nothing_on_cpu() -> None:
     from optim import build_optimizer
     from trainer.config import OptimConfig
 
@@ -100,10 +100,11 @@ def test_tf32_is_an_option_that_changes_nothing_on_cpu() -> None:
     for m in (model, copy):
         for p in m.parameters():
             p.grad = torch.ones_like(p) + torch.arange(p.numel()).view_as(p) % 7
-    tf32 = build_optimizer(OptimConfig(name="swan", lr=0.01, ns_tf32=True), model)
-    assert tf32.ns_tf32 and not build_optimizer(OptimConfig(name="swan", lr=0.01), copy).ns_tf32
+    tf32 = build_optimizer(OptimConfig(name="swan", lr=0.01), model)  # the default
+    fp32 = build_optimizer(OptimConfig(name="swan", lr=0.01, ns_tf32=False), copy)
+    assert tf32.ns_tf32 and not fp32.ns_tf32
     tf32.step()
-    build_optimizer(OptimConfig(name="swan", lr=0.01), copy).step()
+    fp32.step()
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), copy.parameters(), strict=True))
 
 

@@ -22,6 +22,10 @@ def test_batches_engine_dtype_and_model_are_derived_once() -> None:
     gpu = resolve(load_config("llama350m_swan.yaml"), 8, "cuda")
     assert gpu.bf16 and gpu.compute_bytes == 2 and gpu.model.vocab_size == 32000  # the registry's vocabulary
     assert resolve(load_config("tiny_swan.yaml", ["--parallel.mixed_precision=bf16"]), 1, "cpu").bf16
+    # torch.compile per block: on by default on CUDA, off on CPU, either when asked
+    assert gpu.compile and not run.compile
+    assert not resolve(load_config("llama350m_swan.yaml", ["--parallel.compile=false"]), 8, "cuda").compile
+    assert resolve(load_config("tiny_swan.yaml", ["--parallel.compile=true"]), 1, "cpu").compile
     assert (
         resolve(load_config("tiny_swan.yaml", ["--model.vocab_size=1000"]), 1, "cpu").model.vocab_size == 1000
     )

@@ -67,6 +67,13 @@ class Run:
         return self.cfg.parallel.activation_checkpointing
 
     @property
+    def compile(self) -> bool:
+        """parallel.compile, or by default: on CUDA (each block compiled once, then faster), off on CPU (the
+        compile takes longer than the short runs a CPU makes)."""
+        chosen = self.cfg.parallel.compile
+        return self.device == "cuda" if chosen is None else chosen
+
+    @property
     def update_in_backward(self) -> bool:
         return self.cfg.optim.update_in_backward
 

@@ -27,7 +27,7 @@ __all__ = ["Engine", "build_engine"]
 def build_engine(run: Run, model: nn.Module, dist_info: DistInfo) -> Engine:
     """Wrap `model` for the Run's engine, build its optimizer over the wrapped parameters, and the engine."""
     cfg, p = run.cfg, run.cfg.parallel
-    blocks = {"activation_checkpointing": p.activation_checkpointing, "compile": p.compile}
+    blocks = {"activation_checkpointing": p.activation_checkpointing, "compile": run.compile}
     if run.engine == "deepspeed":
         from trainer.engines.deepspeed import DeepSpeedEngine
         from trainer.engines.fsdp2 import wrap_blocks

@@ -32,12 +32,14 @@ from trainer.memory.tensors import TrainingTensors
 def wrap_blocks(
     model: nn.Module, *, activation_checkpointing: bool = False, compile: bool = False
 ) -> nn.Module:
-    """Activation checkpointing and torch.compile per transformer block (both engines use this)."""
+    """Activation checkpointing and torch.compile per transformer block (both engines use this). Compiled in
+    place (`Module.compile`), so parameter and checkpoint names are the same with and without it, and a run can
+    resume the other way."""
     for index, block in enumerate(model.layers):
         if activation_checkpointing:
             block = checkpoint_wrapper(block, preserve_rng_state=False)
         if compile:
-            block = torch.compile(block)
+            block.compile()
         model.layers[index] = block
     return model
 
