@@ -10,6 +10,8 @@ import torch
 
 from tests.processes import pretrain
 from tests.run_helpers import logged
+from trainer.config import load_config
+from trainer.memory.planner import plan_memory
 from trainer.memory.preflight import available_cpu_bytes
 
 # Every test here runs launch/pretrain.py in child processes.
@@ -107,22 +109,37 @@ def test_an_empty_data_source_exits_2_and_leaves_no_run_directory(tmp_path: Path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl"]  # no runs/<name>/, no tokenizer.json
 
 
+OVERSIZED_SEQ_LEN = 250_000
+
+
+def _oversized_plan_bytes() -> float:
+    """Two ranks' planned peak at OVERSIZED_SEQ_LEN (about 2 x 23 GiB, mostly activations)."""
+    return (
+        2
+        * plan_memory(load_config("tiny_swan.yaml", [f"--train.seq_len={OVERSIZED_SEQ_LEN}"]), 2, "cpu").peak
+    )
+
+
 @pytest.mark.skipif(
-    available_cpu_bytes() > 26 * 2**30, reason="the plan (2 x 13 GiB) fits this machine's RAM"
+    available_cpu_bytes() > _oversized_plan_bytes(), reason="the oversized plan fits this machine's RAM"
 )
 def test_a_run_that_cannot_fit_is_refused_by_the_planner_in_seconds(tmp_path: Path) -> None:
-    """seq_len 100000 on the tiny CPU config: the planner's peak per rank (about 13 GiB, mostly activations)
-    times two ranks exceeds this machine's RAM, so the run stops before building the model."""
+    """A seq_len far past the tiny CPU config's: the planner's peak per rank times two ranks exceeds this
+    machine's RAM (the skip condition asks the planner itself), so the run stops before building the model."""
     start = time.perf_counter()
     result = pretrain(
-        "--config", "tiny_swan.yaml", f"--train.runs_dir={tmp_path}", "--train.seq_len=100000", nproc=2
-    )
+        "--config", "tiny_swan.yaml", f"--train.runs_dir={tmp_path}", f"--train.seq_len={OVERSIZED_SEQ_LEN}",
+        nproc=2,
+    )  # fmt: skip
     # torchrun's own start-up included (the check itself takes ~1 s; under a loaded CI machine the start-up of
-    # two ranks has taken 11 s): a run that tried to build 2 x 13 GiB would take minutes or be killed
+    # two ranks has taken 11 s): a run that tried to build what the plan refuses would take minutes or be killed
     assert time.perf_counter() - start < 45
     assert result.returncode != 0 and "exitcode  : 2" in result.stderr
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("error: memory:")]
     assert "GiB per rank (forward/backward)" in line and "of available RAM per rank" in line
-    assert "largest term: activations without checkpointing" in line and "train.seq_len 100000" in line
+    assert (
+        "largest term: activations without checkpointing" in line
+        and f"train.seq_len {OVERSIZED_SEQ_LEN}" in line
+    )
     assert "train.allow_oversubscribe=true" in line
     assert list(tmp_path.iterdir()) == []
