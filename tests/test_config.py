@@ -30,6 +30,8 @@ def test_overrides_both_spellings_and_types() -> None:
     assert cfg.optim.lr == 0.01 and cfg.train.steps == 7 and cfg.parallel.compile is True
     assert cfg.optim.ns_steps == 3
     assert isinstance(load_config("tiny_adamw.yaml", ["--optim.lr=1"]).optim.lr, float)
+    assert load_config("tiny_adamw.yaml", ["--optim.lr=1e-9"]).optim.lr == 1e-9  # YAML 1.1 reads a string
+    assert load_config("tiny_adamw.yaml", ["--optim.lr=2E+1"]).optim.lr == 20.0
 
 
 @pytest.mark.parametrize(
@@ -42,6 +44,8 @@ def test_overrides_both_spellings_and_types() -> None:
         (["--parallel.compile=3"], "parallel.compile: expected bool"),
         (["--train.steps=0"], "train.steps: must be > 0"),
         (["--optim.lr=-1"], "optim.lr: must be > 0"),
+        (["--optim.lr=-1e-3"], "optim.lr: must be > 0"),
+        (["--optim.lr=1e"], "optim.lr: expected float, got str"),
         (["--train.warmup_ratio=1.5"], "train.warmup_ratio: must be in [0, 1]"),
         (["--optim.name=sgd"], "optim.name: 'sgd' is not one of"),
         (

@@ -26,6 +26,8 @@ from trainer.data.sources import is_local_source
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 STEP_LIST = re.compile(r"^(\d+(-\d+)?(,\d+(-\d+)?)*)?$")  # "", "3", "1-3", "2,5-7"
+# YAML 1.1 reads 1e-9 (no dot) as a string; a float field takes it as the number everyone means
+SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class ConfigError(ValueError):
@@ -328,6 +330,8 @@ def _coerce(value: Any, annotation: Any, key: str, where: str) -> Any:
         inner = [t for t in options if t is not type(None)]
         return _coerce(value, inner[0], key, where)
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is float and isinstance(value, str) and SCIENTIFIC.fullmatch(value):
         return float(value)
     if annotation is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
