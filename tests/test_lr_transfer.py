@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from models import model_config
 from optim.lr_transfer import WIDTH_EXPONENT, transfer_lr
 from trainer.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 MATRIX_RULES = ("swan", "muon", "sinkgd", "hybrid_auon", "normuon", "auon")
 
@@ -37,11 +41,10 @@ def test_llama350m_lrs_are_the_tiny_lrs_carried_to_its_width(name: str) -> None:
     assert big.optim.adamw_lr == load_config("llama350m_adamw.yaml").optim.lr
 
 
-def test_the_convention_carries_tiny_adamw_to_galores_tuned_350m_lr() -> None:
+def test_llama350m_adamw_keeps_galores_tuned_lr_and_says_what_the_convention_would_give() -> None:
     tiny, big = load_config("tiny_adamw.yaml"), load_config("llama350m_adamw.yaml")
     assert set(WIDTH_EXPONENT) == {"adamw", *MATRIX_RULES}
-    assert (
-        transfer_lr("adamw", tiny.optim.lr, width(tiny.model.name), width(big.model.name))
-        == big.optim.lr
-        == 1e-3
-    )
+    carried = transfer_lr("adamw", tiny.optim.lr, width(tiny.model.name), width(big.model.name))
+    assert big.optim.lr == 1e-3 and big.optim.adamw_lr is None  # GaLore's, on every parameter
+    comment = (ROOT / "configs" / "llama350m_adamw.yaml").read_text()
+    assert f"matrix lr {tiny.optim.lr}" in comment and f"to {carried} at width 1024" in comment
