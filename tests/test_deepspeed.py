@@ -35,22 +35,27 @@ from trainer.memory.tracker import MiB
 from trainer.resolve import resolve
 
 KEYS = ("loss", "grad_norm", "optim/update_rms", "optim/orth_error")
-MEMORY = {
-    "params": "memory/params_mib",
-    "grads": "memory/grads_mib",
-    "adamw": "memory/optimizer_state/group0_adamw_mib",
-    "master": "memory/optimizer_state/master_weights_mib",
+MEMORY = {  # a component and the memory/* keys that add up to it
+    "params": ("memory/params_mib",),
+    "grads": ("memory/grads_mib",),
+    "adamw": ("memory/optimizer_state/group0_adamw_mib",),
+    "master": ("memory/optimizer_state/master_weights_mib",),
 }
+MEMORY_KEYS = [key for keys in MEMORY.values() for key in keys]
 # Clipping at 0.5 is active on every step of these runs (their raw norms are ~0.9): the mapping is under test too.
 COMMON = [*FAST, "--train.grad_clip=0.5"]
 DEEPSPEED = ["--parallel.engine=deepspeed"]
-# The lrs these engine-parity tests are calibrated at (the tiny configs' earlier ones), not the tuned lrs the
-# configs ship now: 4-12x larger steps amplify the engines' different fp32 reduction orders past 1e-4 in 5 steps.
+# The lrs these engine-parity tests are calibrated at (the tiny configs' shipped lrs before the 2-D tuning, or
+# smaller), not the tuned lrs the configs ship now: larger steps amplify the engines' different fp32 reduction
+# orders past the tests' bounds in 5 steps, and at AdamW's tuned rest lr (0.096) 5 steps raise the loss.
 PARITY_LRS = {
-    "tiny_adamw.yaml": ["--optim.lr=0.003"],
+    "tiny_adamw.yaml": ["--optim.lr=0.003", "--optim.adamw_lr=null"],  # one group for everything
     "tiny_swan.yaml": ["--optim.lr=0.001", "--optim.adamw_lr=0.003"],
     "tiny_normuon.yaml": ["--optim.lr=0.001", "--optim.adamw_lr=0.003"],
     "tiny_muon.yaml": ["--optim.lr=0.02", "--optim.adamw_lr=0.003"],
+    "tiny_sinkgd.yaml": ["--optim.lr=0.003", "--optim.adamw_lr=0.006"],
+    "tiny_auon.yaml": ["--optim.lr=0.03", "--optim.adamw_lr=0.003"],
+    "tiny_hybrid_auon.yaml": ["--optim.lr=0.04", "--optim.adamw_lr=0.006"],
 }
 
 
@@ -71,7 +76,7 @@ def _train_all(root: Path, runs: list[tuple[str, str, list[str]]]) -> dict[str, 
                 config, [*_common(config), f"--train.runs_dir={root}", f"--train.run_name={name}", *overrides]
             )
         if torch.distributed.get_rank() == 0:  # only rank 0 writes metrics
-            out[name] = {key: logged(root / name, key) for key in (*KEYS, *MEMORY.values())}
+            out[name] = {key: logged(root / name, key) for key in (*KEYS, *MEMORY_KEYS)}
     return out
 
 
@@ -85,8 +90,8 @@ def _assert_same_run(
 
 def _memory(run: dict[str, list[float]]) -> dict[str, float]:
     """Rank 0's memory/* components (MiB) at the last step; the same at every step of these runs."""
-    assert all(len(set(run[key])) == 1 for key in MEMORY.values() if run[key])
-    return {name: run[key][-1] for name, key in MEMORY.items() if run[key]}
+    assert all(len(set(run[key])) == 1 for key in MEMORY_KEYS if run[key])
+    return {name: sum(run[key][-1] for key in keys) for name, keys in MEMORY.items() if run[keys[0]]}
 
 
 @pytest.mark.slow
@@ -95,7 +100,15 @@ def test_zero_stages_with_adamw_give_the_fsdp2_losses_and_count_their_partitions
     runs += [(f"zero{s}", "tiny_adamw.yaml", [*DEEPSPEED, f"--parallel.zero_stage={s}"]) for s in range(4)]
     # Blocks recomputed in backward (activation checkpointing) under ZeRO-1 give the same numbers too.
     runs[3][2].append("--parallel.activation_checkpointing=true")
+    # AdamW's two groups (optim.adamw_lr): ZeRO-3 empties its param groups, so its health must find each
+    # partition's group (lr, weight decay) through DeepSpeed's sub-groups
+    groups = ["--optim.adamw_lr=0.006"]
+    runs += [("fsdp2_groups", "tiny_adamw.yaml", groups), ("fsdp2_groups" + OFF, "tiny_adamw.yaml", groups)]
+    runs += [("zero3_groups", "tiny_adamw.yaml", [*groups, *DEEPSPEED, "--parallel.zero_stage=3"])]
     results = run_distributed(_train_all, 2, tmp_path, runs)
+    two_groups = results.pop("zero3_groups")
+    assert two_groups["optim/update_rms"]
+    _assert_same_run(two_groups, results.pop("fsdp2_groups"), results.pop("fsdp2_groups" + OFF), "two groups")
     reference, one_ulp = results.pop("fsdp2"), results.pop("fsdp2" + OFF)
     assert len(reference["loss"]) == 5 and reference["loss"][-1] < reference["loss"][0]
     assert min(reference["grad_norm"]) > 0.5  # every step was clipped

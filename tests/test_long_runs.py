@@ -135,7 +135,8 @@ def test_sigterm_saves_after_the_current_step_and_the_rerun_resumes_exactly(tmp_
 @pytest.mark.slow
 def test_lr_1000_stops_at_the_dead_model_with_no_checkpoint_of_it(tmp_path: Path) -> None:
     result = pretrain(
-        "--config", "tiny_adamw.yaml", "--optim.lr=1000", "--train.steps=40", "--checkpoint.every=10",
+        "--config", "tiny_adamw.yaml", "--optim.lr=1000", "--optim.adamw_lr=1000", "--train.steps=40",
+        "--checkpoint.every=10",
         "--metrics.log_every=1", "--train.eval_every=0", f"--train.runs_dir={tmp_path}", nproc=2,
     )  # fmt: skip
     assert "exitcode  : 3" in result.stderr, result.stderr[-2000:]  # each worker's; torchrun's own is 1

@@ -69,7 +69,7 @@ def test_the_variants_train_like_keller_on_a_tiny_run(tmp_path) -> None:
     for name, option in (("keller", []), ("polar_express", ["--optim.ns_coefficients=polar_express"]),
                          ("gram", ["--optim.ns_form=gram"])):  # fmt: skip
         overrides = [
-            *FAST, "--train.steps=60", "--metrics.log_every=10", *option,
+            *FAST, "--train.steps=60", "--metrics.log_every=10", "--optim.lr=0.02", *option,  # calibrated lr
             f"--train.runs_dir={tmp_path}", f"--train.run_name={name}",
         ]  # fmt: skip
         run_distributed(train_in_process, 1, "tiny_muon.yaml", overrides)

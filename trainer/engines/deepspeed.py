@@ -158,7 +158,11 @@ class DeepSpeedEngine:
         update recomputed from its state over this rank's flat partitions (their padding is zero: no update, no
         weight), then summed over ranks: exact, as under FSDP2. report() is collective."""
         if self.partitioned_adamw and enabled:
-            yield PartitionedAdamWHealth(self.optimizer, self.numel, self.device)
+            partitions = self.zero.masters(self.engine.optimizer)
+            groups = self.zero.master_groups(self.engine.optimizer)
+            yield PartitionedAdamWHealth(
+                self.optimizer, self.numel, self.device, list(zip(partitions, groups, strict=True))
+            )
         else:
             with track_health(self.optimizer, enabled) as report:
                 yield report
@@ -223,19 +227,23 @@ class PartitionedAdamWHealth:
     update_spectral_norm / update_stable_rank: a flat partition cuts across matrices, so no rank holds rows of a
     sampled matrix to iterate on, and gathering one would cost a collective of a whole matrix per logging step."""
 
-    def __init__(self, optimizer: Optimizer, numel: int, device: torch.device):
-        self.optimizer, self.numel, self.device = optimizer, numel, device
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        numel: int,
+        device: torch.device,
+        partitions: list[tuple[torch.Tensor, int]],
+    ):
+        """partitions: this rank's master partitions with the param group of each (ZeRO.master_groups)."""
+        self.optimizer, self.numel, self.device, self.partitions = optimizer, numel, device, partitions
 
     def report(self) -> dict[str, float]:
         groups, state = self.optimizer.param_groups, self.optimizer.state
-        if any(g["params"] for g in groups):  # ZeRO-1/2: each group holds this rank's flat partition
-            pairs = [((p, state[p]) for p in g["params"] if p in state) for g in groups]
-            sums = sum(adamw_update_sums(pair, g, self.device) for pair, g in zip(pairs, groups, strict=True))
-        elif (
-            len(groups) == 1
-        ):  # ZeRO-3 empties the groups between steps: the partitions are only in the state
-            sums = adamw_update_sums(state.items(), groups[0], self.device)
-        else:  # ZeRO-3 with optim.adamw_lr's two groups: no way back from a partition to its group's lr
-            return {}
+        # ZeRO-1/2's groups hold this rank's partitions; ZeRO-3 empties them between steps, so each partition is
+        # taken with its group's hyperparameters (lr, weight decay: optim.adamw_lr's two groups differ) from the map
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for master, group in self.partitions:
+            if master in state:
+                sums += adamw_update_sums([(master, state[master])], groups[group], self.device)
         dist.all_reduce(sums)
         return health_numbers(*sums.tolist(), self.numel)
