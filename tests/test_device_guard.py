@@ -167,7 +167,7 @@ def test_zero_flat_partitions_keep_every_tensor_on_the_model_device(optimizer: s
         if optimizer == "adamw":
             opt = torch.optim.AdamW([flat], lr=0.01)
             opt.step()
-            numbers = PartitionedAdamWHealth(opt, numel, DEVICE).report()
+            numbers = PartitionedAdamWHealth(opt, numel, DEVICE, [(flat, 0)]).report()
         else:
             starts = [sum(p.numel() for p in matrices[:k]) for k in range(len(matrices))]
             layout = FlatLayout.of_concatenation(
