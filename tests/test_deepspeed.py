@@ -516,6 +516,9 @@ def test_our_muon_under_zero_2_equals_deepspeeds_own_muon(monkeypatch) -> None:
 def test_a_model_built_under_zero_init_is_refused_in_one_line() -> None:
     """zero.Init builds parameters already partitioned; the engine builds the model whole and lets
     deepspeed.initialize partition it, so a partitioned model is refused before DeepSpeed touches it."""
+    pytest.importorskip(
+        "deepspeed", reason="without the package the engine refuses to start before this check"
+    )
     from trainer.engines.deepspeed import DeepSpeedEngine
 
     model = Llama(model_config("llama_tiny", vocab_size=64, max_seq_len=16))
