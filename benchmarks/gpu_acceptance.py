@@ -495,11 +495,19 @@ def targets_table(measured: dict[str, Measured]) -> list[str]:
         met = ratio <= STEP_TARGET and share <= SHARE_TARGET.get(name, SHARE_DEFAULT)
         if name == "adamw":
             met = met and m.mfu >= MFU_TARGET
+        result = ("met" if met else "MISSED") if torch.cuda.is_available() else "n/a (no GPU)"
         lines.append(
-            f"| {name} | {tok_before:,.0f} | {m.tokens_per_s:,.0f} | {mfu_before:.1%} | {m.mfu:.1%} "
-            f"| {ratio_before:.2f}x | {ratio:.2f}x | {share:.1%} | {'met' if met else 'MISSED'} |"
+            f"| {name} | {shown(tok_before, ',.0f')} | {m.tokens_per_s:,.0f} | {shown(mfu_before, '.1%')} "
+            f"| {shown(m.mfu, '.1%')} | {shown(ratio_before, '.2f', 'x')} | {shown(ratio, '.2f', 'x')} "
+            f"| {share:.1%} | {result} |"
         )
     return lines
+
+
+def shown(x: float, spec: str, unit: str = "") -> str:
+    """`x` formatted, or "-" where it was not measured (NaN: an optimizer the first run did not time, MFU on a
+    CPU)."""
+    return f"{x:{spec}}{unit}" if math.isfinite(x) else "-"
 
 
 def largest_micro_batch(mode: Mode) -> str:
