@@ -38,13 +38,15 @@ class BackwardUpdateEngine(FSDP2Engine):
         super().__init__(model, optimizer, max_norm=0.0, async_save=async_save)
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._group = shard_info(self._params[0]).group  # gradients are sharded over it (None: not sharded)
-        self._grad_sq = torch.zeros((), device=local(self._params[0]).device)
+        # fp32 for bf16 and fp32 gradients (as the normal step's norm), float64 for a float64 model
+        self._norm_dtype = torch.promote_types(self._params[0].dtype, torch.float32)
+        self._grad_sq = torch.zeros((), dtype=self._norm_dtype, device=local(self._params[0]).device)
         for p in self._params:
             p.register_post_accumulate_grad_hook(self._update)
 
     def _update(self, p: Tensor) -> None:
         """The hook: note the raw gradient's norm, update p with the optimizer's rule, drop the gradient."""
-        self._grad_sq += torch.linalg.vector_norm(local(p.grad), dtype=torch.float32).square()
+        self._grad_sq += torch.linalg.vector_norm(local(p.grad), dtype=self._norm_dtype).square()
         step_params(self.optimizer, [p])
         p.grad = None
 
