@@ -124,8 +124,9 @@ class MatrixOptimizer(torch.optim.Optimizer):
     reports_orthogonality: bool = False  # NS-based rules report orth_error
     # A step handles its matrices in chunks of at most this many fp32 bytes of (per-rank) row blocks, so the rule's
     # temporaries (normalized / whitened copies, Newton-Schulz inputs) exist for one chunk at a time instead of for
-    # every matrix of the model at once. Each matrix's math is independent, so chunking changes no number. Within a
-    # chunk the elementwise work is batched over same-shape matrices (optim/batches.py). The size trades memory
+    # every matrix of the model at once. Each matrix's math is independent, so chunking changes no formula; within a
+    # chunk the work is batched over same-shape matrices (optim/batches.py), and a stacked matrix product may sum in
+    # another order than a smaller stack, so other chunks agree to rounding. The size trades memory
     # for kernel launches: llama_350m's 168 hidden matrices are 19 chunks here (58 batches) and SWAN's fp32 step at
     # batch 1 peaks at 3.53 GiB; at 256 MiB, 5 chunks (15 batches, a quarter of the launches) but 4.43 GiB.
     max_step_bytes: int = 64 * 2**20
