@@ -26,7 +26,7 @@ from tests.processes import pretrain, pretrain_command, start_command
 from tests.run_helpers import FAST, train_in_process
 from trainer.checkpoint import list_checkpoints
 from trainer.guard import CALM_STEPS, DivergenceGuard
-from trainer.preemption import StopSignals
+from trainer.preemption import EXIT_UNSAVED, StopSignals
 
 # --------------------------------------------------------------------------------------------- the guard
 
@@ -85,6 +85,27 @@ def test_a_stop_signal_is_a_request_not_a_death_and_the_handlers_come_back() -> 
         time.sleep(0.05)
         assert signals.requested == "SIGUSR1"
     assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_a_second_signal_or_the_end_of_the_grace_period_exits_at_once_unsaved(monkeypatch, capsys) -> None:
+    exits: list[int] = []
+    monkeypatch.setattr(os, "_exit", exits.append)  # what would end the process, recorded instead
+    with StopSignals("SIGUSR1", grace_s=600):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.05)
+        assert exits == []  # the first signal only asks
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.05)
+    assert exits == [EXIT_UNSAVED]
+    assert "SIGUSR1 again while stopping: exiting without a new checkpoint" in capsys.readouterr().err
+    with StopSignals("SIGUSR1", grace_s=0.05):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.5)  # a save still running when the grace period ends
+    assert exits == [EXIT_UNSAVED, EXIT_UNSAVED]
+    assert (
+        "error: grace period of 0.05 s over; the last committed checkpoint is intact (exit 76)"
+        in capsys.readouterr().err
+    )
 
 
 # ---------------------------------------------------------------------------------- multi-process faults
