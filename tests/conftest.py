@@ -23,6 +23,8 @@ from tests.processes import threads_per_process
 # `OMP_NUM_THREADS=2 python -m pytest ...` runs every process with 2 threads, another reduction order.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(threads_per_process())
+# torch.compile's inductor compiles in this process, not in a pool of workers (torch 2.6 starts one at first use).
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 # Every way a test (or a library under it) starts a process: subprocess (run, check_output, os.popen, ...),
 # multiprocessing (Process, Pool, ProcessPoolExecutor, torch.multiprocessing.spawn), and the os primitives.

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -125,10 +126,24 @@ class FSDP2Engine:
         state = {"app": ModelAndOptimizer(self.model, self.optimizer)}
         writer = FileSystemWriter(str(path))
         if self.async_save:  # FileSystemWriter stages to CPU memory before async_save returns
-            return dcp.async_save(state, storage_writer=writer, process_group=self._save_group)
+            staged = {"app": _copy_cpu_tensors(state["app"].state_dict())}
+            return dcp.async_save(staged, storage_writer=writer, process_group=self._save_group)
         dcp.save(state, storage_writer=writer)
         return None
 
     def load(self, path: Path) -> None:
         """Restore model and optimizer in place from `path`, at any world size (CheckpointError if it cannot)."""
         load_state(path, {"app": ModelAndOptimizer(self.model, self.optimizer)})
+
+
+def _copy_cpu_tensors(state: Any) -> Any:
+    """`state` with every tensor already in CPU memory copied. DCP's async staging copies device tensors to CPU
+    memory, but torch 2.6's leaves CPU tensors as they are, so training would go on writing into what is being
+    saved (a CPU run's weights; AdamW's step counts, CPU scalars even on a GPU)."""
+    if isinstance(state, torch.Tensor):
+        return state.clone() if state.device.type == "cpu" else state
+    if isinstance(state, dict):
+        return {key: _copy_cpu_tensors(value) for key, value in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(_copy_cpu_tensors(value) for value in state)
+    return state
