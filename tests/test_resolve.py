@@ -72,3 +72,15 @@ def test_conflicting_settings_are_one_line_errors(overrides, world, message) -> 
     with pytest.raises(ConfigError, match=message) as err:
         resolve(cfg, world, "cpu")
     assert "\n" not in str(err.value)
+
+
+def test_fsdp2_on_the_cpu_with_torch_2_6_is_a_one_line_error(monkeypatch) -> None:
+    cfg = load_config("tiny_swan.yaml", [])
+    monkeypatch.setattr(torch, "__version__", "2.6.0+cu124")  # its fully_shard cannot run on CPU tensors
+    with pytest.raises(
+        ConfigError, match=r"^parallel.engine=fsdp2 on the CPU needs torch >= 2.7 \(this is torch 2.6.0"
+    ):
+        resolve(cfg, 2, "cpu")
+    resolve(cfg, 2, "cuda")  # on CUDA torch 2.6 is supported
+    monkeypatch.setattr(torch, "__version__", "2.7.0")
+    resolve(cfg, 2, "cpu")

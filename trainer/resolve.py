@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.torch_version import TorchVersion
 
 from models import Llama, LlamaConfig, model_config
 from trainer.config import Config, ConfigError
@@ -85,6 +86,12 @@ class Run:
 def resolve(cfg: Config, world_size: int, device: torch.device | str) -> Run:
     """The Run of `cfg` on `world_size` ranks of `device`; ConfigError (one line) for settings that conflict."""
     device_type = torch.device(device).type
+    if device_type == "cpu" and cfg.parallel.engine == "fsdp2" and TorchVersion(torch.__version__) < "2.7":
+        # torch 2.6's fully_shard records its all-gathers on a device stream that CPU tensors do not have
+        raise ConfigError(
+            f"parallel.engine=fsdp2 on the CPU needs torch >= 2.7 (this is torch {torch.__version__}): "
+            "upgrade torch, or run on CUDA"
+        )
     batches = _batches(cfg, world_size)
     _check_engine(cfg, world_size, batches)
     mp = cfg.parallel.mixed_precision
