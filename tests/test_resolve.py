@@ -1,5 +1,7 @@
 """trainer/resolve.py: the values derived from a config for one launch, and every cross-field check."""
 
+import re
+
 import pytest
 import torch
 
@@ -74,13 +76,16 @@ def test_conflicting_settings_are_one_line_errors(overrides, world, message) -> 
     assert "\n" not in str(err.value)
 
 
-def test_fsdp2_on_the_cpu_with_torch_2_6_is_a_one_line_error(monkeypatch) -> None:
+def test_fsdp2_on_the_cpu_before_torch_2_9_is_a_one_line_error(monkeypatch) -> None:
     cfg = load_config("tiny_swan.yaml", [])
-    monkeypatch.setattr(torch, "__version__", "2.6.0+cu124")  # its fully_shard cannot run on CPU tensors
-    with pytest.raises(
-        ConfigError, match=r"^parallel.engine=fsdp2 on the CPU needs torch >= 2.7 \(this is torch 2.6.0"
-    ):
-        resolve(cfg, 2, "cpu")
-    resolve(cfg, 2, "cuda")  # on CUDA torch 2.6 is supported
-    monkeypatch.setattr(torch, "__version__", "2.7.0")
+    # 2.6's fully_shard cannot run on CPU tensors; 2.7's and 2.8's gloo sums where FSDP2 averages
+    for old in ("2.6.0+cu124", "2.8.0"):
+        monkeypatch.setattr(torch, "__version__", old)
+        with pytest.raises(
+            ConfigError,
+            match=r"^parallel.engine=fsdp2 on the CPU needs torch >= 2.9 \(this is torch " + re.escape(old),
+        ):
+            resolve(cfg, 2, "cpu")
+        resolve(cfg, 2, "cuda")  # on CUDA (NCCL) they are supported
+    monkeypatch.setattr(torch, "__version__", "2.9.0")
     resolve(cfg, 2, "cpu")

@@ -86,11 +86,13 @@ class Run:
 def resolve(cfg: Config, world_size: int, device: torch.device | str) -> Run:
     """The Run of `cfg` on `world_size` ranks of `device`; ConfigError (one line) for settings that conflict."""
     device_type = torch.device(device).type
-    if device_type == "cpu" and cfg.parallel.engine == "fsdp2" and TorchVersion(torch.__version__) < "2.7":
-        # torch 2.6's fully_shard records its all-gathers on a device stream that CPU tensors do not have
+    if device_type == "cpu" and cfg.parallel.engine == "fsdp2" and TorchVersion(torch.__version__) < "2.9":
+        # torch 2.6's fully_shard records its all-gathers on a device stream that CPU tensors lack; in 2.7 and 2.8
+        # gloo's reduce-scatter sums where FSDP2 asks for the average, so every gradient came out world-size
+        # times too large, silently
         raise ConfigError(
-            f"parallel.engine=fsdp2 on the CPU needs torch >= 2.7 (this is torch {torch.__version__}): "
-            "upgrade torch, or run on CUDA"
+            f"parallel.engine=fsdp2 on the CPU needs torch >= 2.9 (this is torch {torch.__version__}: gloo "
+            "sums where FSDP2 averages gradients before 2.9): upgrade torch, or run on CUDA"
         )
     batches = _batches(cfg, world_size)
     _check_engine(cfg, world_size, batches)
