@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed import device_mesh
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 DEVICE = torch.device("meta")
@@ -92,6 +93,9 @@ def fake_world(world_size: int) -> Iterator[None]:
                 patch.setattr(dist, name, _on_device(name, getattr(dist, name)))
             patch.setattr(dist, "all_gather_object", _all_gather_object)
             patch.setattr(dist, "gather_object", _gather_object)
+            mesh_env = getattr(device_mesh, "_mesh_resources", None)
+            if mesh_env is not None:  # torch 2.9's DTensor cost model asks the device module (none for meta)
+                patch.setattr(mesh_env, "num_devices_per_host", lambda device_type: world_size)
             yield
     finally:
         dist.destroy_process_group()
